@@ -1,0 +1,5 @@
+"""`python -m rayimgcls` runs the CLI."""
+
+from rayimgcls.cli import main
+
+main()

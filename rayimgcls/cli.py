@@ -1,0 +1,205 @@
+"""The `rayimgcls` command line: one thin function per command; the stage modules are imported lazily so
+`rayimgcls --help` answers at once.
+
+Commands built on a stage config (train, infer, serve) get one flag per field of that dataclass
+(`num_epochs` -> `--num-epochs`) plus `--config FILE.yaml`: defaults < YAML < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, Optional
+
+import typer
+
+from rayimgcls.config import ConfigError, InferConfig, ServeConfig, TrainConfig, base_type, field_types, load_config
+
+app = typer.Typer(help="Image classification on Ray: data -> train -> infer -> evaluate -> serve.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+logger = logging.getLogger("rayimgcls")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad config, data, model, resources) into a message and exit code 2,
+    never a traceback."""
+    from rayimgcls.dataset import DatasetError
+    from rayimgcls.images import ImageError
+    from rayimgcls.runtime import ResourceError
+
+    known: tuple[type[Exception], ...] = (ConfigError, DatasetError, ImageError, ResourceError, FileNotFoundError)
+    try:
+        from rayimgcls.model import ModelError
+
+        known += (ModelError,)
+        yield
+    except known as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags generated from a config dataclass
+
+CONFIG_OPTION = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045 - typer needs Optional
+    default=typer.Option(None, "--config", help="YAML file of settings (keys = the flag names with underscores)."))
+ADDRESS_OPTION = inspect.Parameter(
+    "address", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
+    default=typer.Option(None, "--address", help="Ray cluster (ray.init address: auto, ray://host:10001); "
+                                                  "default RAY_ADDRESS, else a local Ray."))
+
+
+def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of `cls`. Each defaults to None, meaning "not given", so the YAML
+    file and the dataclass defaults show through; the help shows the real default."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        params = list(extra)
+        types_ = field_types(cls)
+        for f in dataclasses.fields(cls):
+            tp = base_type(types_[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            decls = (f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            shown = "" if default in (None, "", {}) else f" [default: {default}]"
+            option = typer.Option(None, *decls, help=f.metadata.get("help", "") + shown, show_default=False)
+            annotation = Optional[str] if tp is dict else Optional[tp]  # noqa: UP045 - a dict is given as JSON
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=annotation))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {}
+        return command
+
+    return decorate
+
+
+def _split(kwargs: dict[str, Any], *names: str) -> list[Any]:
+    return [kwargs.pop(n) for n in names]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data commands
+
+@app.command("make-dataset")
+def make_dataset(
+    out: str = typer.Argument(..., help="Folder to create the dataset in."),
+    num_images: int = typer.Option(1000, help="Number of images."),
+    num_classes: int = typer.Option(4, help="Number of shape classes (2..10)."),
+    min_size: int = typer.Option(64, help="Smallest image side in pixels."),
+    max_size: int = typer.Option(128, help="Largest image side in pixels."),
+    multilabel: bool = typer.Option(False, help="Several shapes per image, space-separated labels."),
+    max_rotation: float = typer.Option(20.0, help="Shapes turn by up to +- this many degrees."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
+) -> None:
+    """Render a shapes dataset in the SambaStudio format (labels.csv, predictions.csv, class_to_idx.json)."""
+    from rayimgcls.synth import SynthConfig, make_dataset as make
+
+    try:
+        cfg = SynthConfig(num_images=num_images, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                          multilabel=multilabel, max_rotation=max_rotation, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    root = make(out, cfg)
+    typer.echo(f"wrote {num_images} images, labels.csv, predictions.csv and class_to_idx.json to {root}")
+
+
+@app.command("from-folders")
+def from_folders(
+    src: str = typer.Argument(..., help="Class-per-folder tree (SRC/<class>/<image>)."),
+    out: str = typer.Argument(..., help="Dataset root to write (may be SRC itself)."),
+    train: float = typer.Option(0.8, help="Train fraction."),
+    validation: float = typer.Option(0.1, help="Validation fraction."),
+    test: float = typer.Option(0.1, help="Test fraction."),
+    seed: int = typer.Option(0, help="Seed of the split."),
+) -> None:
+    """Convert an ImageFolder tree into labels.csv + class_to_idx.json with a seeded split."""
+    from rayimgcls.dataset import from_folders as convert
+
+    if min(train, validation, test) < 0 or abs(train + validation + test - 1) > 1e-6:
+        fail(f"--train {train} --validation {validation} --test {test}: fractions must be >= 0 and sum to 1")
+    with user_errors():
+        df = convert(src, out, (train, validation, test), seed)
+    counts = df["subset"].value_counts().to_dict()
+    typer.echo(f"wrote {out}/labels.csv: {len(df)} images, {df['label'].nunique()} classes, {counts}")
+
+
+@app.command()
+def validate(
+    data_root: str = typer.Argument(..., help="Dataset root (local path or URI)."),
+    num_intended_classes: Optional[int] = typer.Option(None, help="Class count; default inferred, and said."),  # noqa: UP045
+    multilabel: Optional[bool] = typer.Option(None, "--multilabel/--no-multilabel",  # noqa: UP045
+                                              help="Default: inferred from the labels."),
+    images: bool = typer.Option(True, help="Decode every image (--no-images checks the CSVs only)."),
+    ray_above: int = typer.Option(5000, help="Check images on Ray when a CSV has more rows than this."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for the parallel check."),  # noqa: UP045
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a dataset and report every problem with its CSV line; exit 1 if there are any."""
+    from rayimgcls import dataset
+
+    checker = dataset.check_images
+    with user_errors():
+        rows = len(dataset.read_csv(data_root))
+        if images and rows > ray_above:
+            from rayimgcls.data import check_images_on_ray
+            from rayimgcls.runtime import init_ray
+
+            init_ray(address)
+            checker = check_images_on_ray
+        report = dataset.validate(data_root, num_intended_classes, multilabel, images=images, image_checker=checker)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, parallel=checker is not dataset.check_images)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _print_report(report: Any, parallel: bool) -> None:
+    typer.echo(f"dataset {report.data_root}")
+    typer.echo(f"  rows: {report.rows}")
+    typer.echo(f"  subsets: {report.subsets}")
+    typer.echo(f"  classes: {report.num_classes} ({report.classes_source}); multilabel: {report.multilabel}")
+    for name, count in report.classes.items():
+        typer.echo(f"    {name}: {count}")
+    if report.multilabel:
+        typer.echo(f"  labels per image: {report.labels_per_image}")
+    typer.echo(f"  images checked {'on Ray' if parallel else 'locally'}")
+    if report.ok:
+        typer.secho("OK: no problems found", fg=typer.colors.GREEN)
+        return
+    typer.secho(f"{len(report.problems)} problem(s):", fg=typer.colors.RED)
+    for p in report.problems:
+        typer.echo(f"  {p}  [{p.code}]")
+
+
+def main() -> None:
+    _setup_logging()
+    app()
+
+
+if __name__ == "__main__":
+    main()

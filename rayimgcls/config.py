@@ -1,0 +1,308 @@
+"""Typed configuration for every stage, loaded from a YAML file and/or flags and validated before Ray starts.
+
+Each stage has one dataclass; its fields are the YAML keys, and the CLI turns each field into a flag
+(`num_epochs` -> `--num-epochs`), so names, defaults and help live in exactly one place. Training keeps the
+SambaStudio hyperparameter names, defaults and ranges so a SambaStudio job carries over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from rayimgcls import storage
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names each field, its value and what is allowed."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with the help text its CLI flag shows."""
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = opt("", "Dataset root holding labels.csv (local path or s3://... URI).")
+    # --- SambaStudio hyperparameters: same names, defaults and ranges ---
+    attention_dropout_rate: float = opt(0.0, "Attention dropout, 0 <= x < 1.")
+    batch_size: int = opt(64, "Global batch size across workers; must divide by num_workers.")
+    dropout_rate: float = opt(0.0, "Dropout before the classifier, 0 <= x < 1.")
+    learning_rate: float = opt(1e-4, "Maximum learning rate of the OneCycle schedule, > 0.")
+    logging_steps: int = opt(50, "Log loss, lr and images/s every N optimizer steps.")
+    multilabel: bool = opt(False, "Several space-separated labels per image (sigmoid + BCE).")
+    num_epochs: int = opt(3, "Passes over the train subset, >= 1.")
+    num_intended_classes: int | None = opt(
+        None, "Number of classes, 1..1000; default: class_to_idx.json, else the largest label + 1.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, >= 0.")
+    # --- model ---
+    model: str = opt("vit_base_patch16_224", "Any timm model name.")
+    model_kwargs: dict = opt({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"patch_size": 4, "depth": 3}\'.')
+    image_size: int = opt(224, "Square input size in pixels.")
+    pretrained: str | None = opt(None, "Local weights file (.safetensors, or a state dict .pth/.bin) or a timm hub name.")
+    precision: str = opt("auto", "auto (bf16 where the hardware runs it faster), fp32 or bf16.")
+    # --- augmentation ---
+    random_resized_crop: bool = opt(True, "Random resized crop (else a centre crop).")
+    crop_scale_min: float = opt(0.08, "Smallest area fraction a random resized crop keeps, 0 < x <= 1.")
+    hflip: float = opt(0.5, "Horizontal flip probability.")
+    vflip: float = opt(0.0, "Vertical flip probability.")
+    color_jitter: float = opt(0.4, "Colour jitter strength (0 disables).")
+    randaugment: str | None = opt(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1.")
+    mixup: float = opt(0.0, "MixUp alpha (0 disables).")
+    cutmix: float = opt(0.0, "CutMix alpha (0 disables).")
+    label_smoothing: float = opt(0.1, "Label smoothing for multi-class cross-entropy, 0 <= x < 1.")
+    # --- scale ---
+    num_workers: int = opt(1, "Ray Train workers (one GPU each with --use-gpu).")
+    use_gpu: bool = opt(False, "Give each worker a GPU.")
+    cpus_per_worker: float | None = opt(None, "CPUs reserved per worker; default leaves Ray Data at least one CPU.")
+    # --- run ---
+    run_name: str | None = opt(None, "Run name; the same name and storage path resumes. Default: new timestamp.")
+    storage_path: str = opt("~/ray_results", "Where runs live (local path, NFS or s3://...).")
+    output_dir: str | None = opt(None, "Where the model directory goes; default <storage_path>/<run_name>/model.")
+    num_to_keep: int = opt(2, "Checkpoints kept (the best by checkpoint_metric).")
+    checkpoint_metric: str | None = opt(None, "Validation metric that ranks checkpoints; default top1 or map.")
+    max_failures: int = opt(0, "Worker failures tolerated; each restarts from the last checkpoint.")
+    seed: int = opt(0, "Random seed.")
+    skip_bad_rows: bool = opt(False, "Skip unreadable rows, recorded in skipped_rows.csv (default: fail).")
+
+    # Fields that may change between a run and its resumption: they do not change what is computed.
+    RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
+        {"num_epochs", "max_failures", "output_dir", "logging_steps"})
+
+    def __post_init__(self) -> None:
+        if not storage.is_uri(self.storage_path):
+            self.storage_path = os.path.abspath(os.path.expanduser(self.storage_path))
+        errors = [
+            _check(self, "attention_dropout_rate", 0 <= self.attention_dropout_rate < 1, "0 <= x < 1"),
+            _check(self, "batch_size", self.batch_size >= 1, ">= 1"),
+            _check(self, "dropout_rate", 0 <= self.dropout_rate < 1, "0 <= x < 1"),
+            _check(self, "learning_rate", self.learning_rate > 0, "> 0"),
+            _check(self, "logging_steps", self.logging_steps >= 1, ">= 1"),
+            _check(self, "num_epochs", self.num_epochs >= 1, ">= 1"),
+            _check(self, "num_intended_classes",
+                   self.num_intended_classes is None or 1 <= self.num_intended_classes <= 1000, "1..1000"),
+            _check(self, "weight_decay", self.weight_decay >= 0, ">= 0"),
+            _check(self, "image_size", 8 <= self.image_size <= 4096, "8..4096"),
+            _check(self, "precision", self.precision in PRECISIONS, " | ".join(PRECISIONS)),
+            _check(self, "crop_scale_min", 0 < self.crop_scale_min <= 1, "0 < x <= 1"),
+            _check(self, "hflip", 0 <= self.hflip <= 1, "0..1"),
+            _check(self, "vflip", 0 <= self.vflip <= 1, "0..1"),
+            _check(self, "color_jitter", self.color_jitter >= 0, ">= 0"),
+            _check(self, "mixup", self.mixup >= 0, ">= 0"),
+            _check(self, "cutmix", self.cutmix >= 0, ">= 0"),
+            _check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= x < 1"),
+            _check(self, "num_workers", self.num_workers >= 1, ">= 1"),
+            _check(self, "cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "> 0"),
+            _check(self, "num_to_keep", self.num_to_keep >= 1, ">= 1"),
+            _check(self, "checkpoint_metric", self.checkpoint_metric in (None, *CHECKPOINT_METRICS),
+                   " | ".join(CHECKPOINT_METRICS)),
+            _check(self, "max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited"),
+            _check(self, "run_name", self.run_name is None or _safe_name(self.run_name),
+                   "letters, digits, '-', '_' and '.'"),
+        ]
+        if self.num_workers >= 1 and self.batch_size >= 1 and self.batch_size % self.num_workers:
+            errors.append(f"batch_size={self.batch_size}: must divide evenly by num_workers={self.num_workers}")
+        if not self.data_root:
+            errors.append("data_root: required (the folder or URI holding labels.csv)")
+        _raise_if(errors, "training")
+
+    @property
+    def metric(self) -> str:
+        """The validation metric that ranks checkpoints."""
+        return self.checkpoint_metric or ("map" if self.multilabel else "top1")
+
+
+CHECKPOINT_METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1", "macro_f1_ml", "loss")
+
+
+@dataclass
+class InferConfig:
+    model_dir: str = opt("", "Model directory (model.safetensors + config.json), local or URI.")
+    data_root: str = opt("", "Dataset root; image paths in the CSV are relative to it.")
+    result_dir: str = opt("", "Where predictions-*.jsonl shards and manifest.json go.")
+    csv: str = opt("predictions.csv", "CSV under data_root with an image_path column.")
+    subset: str | None = opt(None, "Only rows of this subset (train, validation, test).")
+    images: str | None = opt(None, "Predict a folder or glob of images instead of a CSV.")
+    batch_size: int = opt(64, "Images per model call.")
+    num_actors: int | None = opt(None, "Model actors (default: one per GPU, else enough to use the CPUs).")
+    use_gpu: bool = opt(False, "One GPU per model actor.")
+    precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
+    top_k: int = opt(5, "Classes listed in top_k (capped at the class count).")
+    rows_per_shard: int = opt(10_000, "Input rows per predictions-NNNNN.jsonl shard.")
+    merge: bool = opt(False, "Also write predictions.jsonl with every line.")
+    overwrite: bool = opt(False, "Replace earlier shards and manifest in result_dir (and nothing else).")
+    resume: bool = opt(False, "Keep complete shards of the same model and input; compute the rest.")
+
+    def __post_init__(self) -> None:
+        errors = [
+            _check(self, "batch_size", self.batch_size >= 1, ">= 1"),
+            _check(self, "num_actors", self.num_actors is None or self.num_actors >= 1, ">= 1"),
+            _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
+            _check(self, "top_k", self.top_k >= 1, ">= 1"),
+            _check(self, "rows_per_shard", self.rows_per_shard >= 1, ">= 1"),
+            _check(self, "subset", self.subset in (None, "train", "validation", "test"), "train | validation | test"),
+        ]
+        if self.overwrite and self.resume:
+            errors.append("overwrite and resume: choose one")
+        for name in ("model_dir", "result_dir"):
+            if not getattr(self, name):
+                errors.append(f"{name}: required")
+        if not self.data_root and not self.images:
+            errors.append("data_root: required (or --images DIR_OR_GLOB)")
+        _raise_if(errors, "inference")
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str = opt("", "Model directory (model.safetensors + config.json), local or URI.")
+    host: str = opt("127.0.0.1", "Address the HTTP proxy binds; 0.0.0.0 exposes it beyond this machine.")
+    port: int = opt(8000, "HTTP port.")
+    route_prefix: str = opt("/", "URL prefix of the application.")
+    name: str = opt("rayimgcls", "Serve application name.")
+    api_key: str | None = opt(None, "Bearer token required on every route but liveness (or RAYIMGCLS_API_KEY).")
+    precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
+    use_gpu: bool = opt(False, "One GPU per model replica.")
+    num_cpus: float = opt(0.5, "CPUs reserved per model replica (fractional so replicas fit on small hosts).")
+    ingress_num_cpus: float = opt(0.25, "CPUs reserved per ingress replica.")
+    max_batch_size: int = opt(16, "Largest batch @serve.batch forms.")
+    batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill.")
+    max_ongoing_requests: int | None = opt(None, "Per replica; default max(2 * max_batch_size, 32) so batches can fill.")
+    min_replicas: int = opt(1, "Autoscaling: fewest model replicas.")
+    max_replicas: int = opt(1, "Autoscaling: most model replicas.")
+    target_ongoing_requests: float = opt(8.0, "Autoscaling: ongoing requests per replica to aim for.")
+    upscale_delay_s: float = opt(10.0, "Autoscaling: sustained load before adding a replica.")
+    downscale_delay_s: float = opt(60.0, "Autoscaling: sustained idleness before removing one.")
+    max_body_bytes: int = opt(20 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_pixels: int = opt(50_000_000, "Largest image in pixels (422 beyond), checked before decoding.")
+    max_images: int = opt(64, "Most images in one request.")
+
+    def __post_init__(self) -> None:
+        errors = [
+            _check(self, "port", 0 <= self.port <= 65535, "0..65535"),
+            _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
+            _check(self, "num_cpus", self.num_cpus >= 0, ">= 0"),
+            _check(self, "ingress_num_cpus", self.ingress_num_cpus >= 0, ">= 0"),
+            _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1"),
+            _check(self, "batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0"),
+            _check(self, "min_replicas", self.min_replicas >= 0, ">= 0"),
+            _check(self, "max_replicas", self.max_replicas >= max(1, self.min_replicas), ">= max(1, min_replicas)"),
+            _check(self, "target_ongoing_requests", self.target_ongoing_requests > 0, "> 0"),
+            _check(self, "max_body_bytes", self.max_body_bytes >= 1, ">= 1"),
+            _check(self, "max_pixels", self.max_pixels >= 1, ">= 1"),
+            _check(self, "max_images", self.max_images >= 1, ">= 1"),
+        ]
+        if not self.model_dir:
+            errors.append("model_dir: required")
+        _raise_if(errors, "serving")
+
+    @property
+    def ongoing_requests_limit(self) -> int:
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 32)
+
+
+def _check(cfg: Any, name: str, ok: bool, allowed: str) -> str | None:
+    return None if ok else f"{name}={getattr(cfg, name)!r}: allowed {allowed}"
+
+
+def _raise_if(errors: list[str | None], stage: str) -> None:
+    errors = [e for e in errors if e]
+    if errors:
+        raise ConfigError(f"invalid {stage} configuration:\n  " + "\n  ".join(errors))
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: defaults < YAML file < flags.
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type (the module uses `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def base_type(tp: Any) -> Any:
+    """`int | None` -> int; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a YAML or flag value to the field's type (YAML reads 1e-4 as a string, flags give JSON)."""
+    tp = base_type(field_types(cls)[name])
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+
+
+def load_config(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Build a `cls` from defaults, then the YAML file, then the flags the user actually gave (not None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(storage.read_text(config_file)) or {}
+        except (OSError, FileNotFoundError) as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config_file} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of names to values")
+        unknown = [k for k in loaded if k not in names]
+        if unknown:
+            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
+                     for k in unknown]
+            raise ConfigError(f"{config_file}: unknown key(s) {', '.join(hints)}")
+        values.update({k: coerce(cls, k, v) for k, v in loaded.items()})
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = coerce(cls, k, v)
+    return cls(**values)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def diff(old: dict[str, Any], new: Any, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Readable differences between a stored configuration and a new one."""
+    new_d = dataclasses.asdict(new)
+    return [f"{k}: {old.get(k)!r} -> {new_d[k]!r}" for k in new_d if k not in ignore and old.get(k) != new_d[k]]

@@ -1,0 +1,156 @@
+"""Ray Data pipelines over dataset.py and images.py: CSV rows -> decoded uint8 images, in parallel.
+
+The CSV is parsed on the driver (it is small next to the images, and only there do we know each record's
+line number), split into many blocks so decoding fans out over every CPU of the cluster, and decoded in Ray
+Data tasks by the same `images.py` path that inference and serving use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rayimgcls import storage
+from rayimgcls.dataset import Problem
+from rayimgcls.images import (
+    DEFAULT_MAX_PIXELS,
+    Augment,
+    ImageError,
+    PreprocessConfig,
+    Transform,
+    decode_image,
+    decode_min_side,
+    eval_transform,
+    to_chw_uint8,
+    train_transform,
+)
+
+ON_ERROR = ("raise", "keep")
+
+
+class BadRowError(RuntimeError):
+    """A row whose image cannot be used, raised inside a Ray Data task; the message names line and path."""
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decode task needs (frozen and small: it travels to every task)."""
+
+    data_root: str
+    csv_name: str
+    preprocess: PreprocessConfig
+    augment: Augment | None = None  # None: the eval transform
+    num_classes: int = 0  # 0: no label column in the output
+    multilabel: bool = False
+    on_error: str = "raise"  # "raise": fail naming the row; "keep": an `error` column, zero image
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error={self.on_error!r}: allowed {ON_ERROR}")
+
+
+@functools.lru_cache(maxsize=8)
+def _transform(pre: PreprocessConfig, aug: Augment | None) -> Transform:
+    return eval_transform(pre) if aug is None else train_transform(pre, aug)
+
+
+def load_image(data_root: str, rel: str, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
+    """Read `rel` under `data_root` and preprocess it to uint8 (3, S, S). Raises ImageError,
+    storage.PathEscapeError or OSError."""
+    min_side = decode_min_side(pre, aug.crop_scale_min if aug and aug.random_resized_crop else 1.0)
+    data = storage.read_bytes(storage.resolve_under(data_root, rel))
+    return to_chw_uint8(decode_image(data, max_pixels=pre.max_pixels, min_side=min_side), _transform(pre, aug))
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, OSError) and not isinstance(e, ImageError):
+        return f"cannot read file: {e.strerror or e}"
+    return str(e)
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
+    """Ray Data UDF: decode and transform each row's image; attach labels."""
+    if spec.augment is not None:
+        # Ray worker processes all start with torch's fixed default seed: reseed so that augmentations of
+        # different tasks and epochs are independent.
+        seed = int.from_bytes(os.urandom(4), "little")
+        random.seed(seed)
+        import torch
+
+        torch.manual_seed(seed)
+    size = spec.preprocess.input_size
+    images = np.zeros((len(batch["row"]), 3, size, size), dtype=np.uint8)
+    errors = [""] * len(images)
+    for i, (row, rel) in enumerate(zip(batch["row"], batch["image_path"])):
+        try:
+            images[i] = load_image(spec.data_root, str(rel), spec.preprocess, spec.augment)
+        except (ImageError, storage.PathEscapeError, OSError) as e:
+            if spec.on_error == "raise":
+                raise BadRowError(f"{spec.csv_name}:{int(row)}: {rel}: {_reason(e)} "
+                                  "(--skip-bad-rows skips such rows and records them)") from None
+            errors[i] = _reason(e)
+    out = {"row": np.asarray(batch["row"], dtype=np.int64), "image": images}
+    if spec.num_classes:
+        out["label"] = encode_labels(batch["labels"], spec.num_classes, spec.multilabel)
+    if spec.on_error == "keep":
+        out["image_path"] = np.asarray(batch["image_path"], dtype=object)
+        out["error"] = np.asarray(errors, dtype=object)
+    return out
+
+
+def encode_labels(labels: np.ndarray, num_classes: int, multilabel: bool) -> np.ndarray:
+    """Lists of class ids -> class index (int64) or multi-hot (float32, num_classes wide)."""
+    if not multilabel:
+        return np.array([int(ls[0]) for ls in labels], dtype=np.int64)
+    hot = np.zeros((len(labels), num_classes), dtype=np.float32)
+    for i, ls in enumerate(labels):
+        hot[i, np.asarray(ls, dtype=np.int64)] = 1.0
+    return hot
+
+
+def rows_dataset(df: pd.DataFrame, target_blocks_per_cpu: int = 4):
+    """A Ray Dataset of CSV rows, split into enough blocks for every CPU to decode (one small CSV would
+    otherwise be one block, decoded by one task)."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows_per_block = min(512, max(16, math.ceil(len(df) / (target_blocks_per_cpu * cpus))))
+    return ray.data.from_pandas([df.iloc[i: i + rows_per_block] for i in range(0, len(df), rows_per_block)])
+
+
+def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0):
+    """Rows (with `row`, `image_path` and, for labels, a `labels` column of id lists) -> decoded images.
+
+    Output columns: `row`, `image` (uint8, 3 x S x S), `label` when spec.num_classes, and `image_path`,
+    `error` when spec.on_error == "keep". Streaming: nothing is materialised unless the caller asks.
+    """
+    columns = ["row", "image_path"] + (["labels"] if spec.num_classes else [])
+    return rows_dataset(df[columns]).map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=64,
+                                                 num_cpus=num_cpus, batch_format="numpy")
+
+
+def _check_batch(batch: dict[str, np.ndarray], data_root: str, max_pixels: int) -> dict[str, np.ndarray]:
+    from rayimgcls.dataset import check_image
+
+    results = [check_image(data_root, str(p), max_pixels) for p in batch["image_path"]]
+    return {"row": batch["row"], "image_path": batch["image_path"],
+            "code": np.asarray([r[0] if r else "" for r in results], dtype=object),
+            "message": np.asarray([r[1] if r else "" for r in results], dtype=object)}
+
+
+def check_images_on_ray(data_root: str, df: pd.DataFrame, name: str,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Problem]:
+    """`dataset.check_images` spread over the Ray cluster: full decode of every image, every problem."""
+    checked = rows_dataset(df[["row", "image_path"]]).map_batches(
+        _check_batch, fn_kwargs={"data_root": data_root, "max_pixels": max_pixels}, batch_size=64,
+        batch_format="numpy").to_pandas()
+    bad = checked[checked["code"] != ""].sort_values("row")
+    return [Problem(name, int(r.row), r.message, r.code, r.image_path) for r in bad.itertuples()]

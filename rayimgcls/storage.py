@@ -1,0 +1,139 @@
+"""Local paths and URIs (s3://, gs://, any pyarrow filesystem) behind one small API.
+
+Data roots, run directories, model directories and result directories may all live on object storage, so
+every read and write of rayimgcls goes through here. S3 endpoint and credentials come from the standard
+AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which pyarrow reads itself.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class PathEscapeError(ValueError):
+    """An image path that resolves outside its data root."""
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or a URI."""
+    path = str(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    if path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        # pyarrow ignores AWS_ENDPOINT_URL in some versions; pass it explicitly so MinIO/moto/Ceph work.
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
+                               region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
+        return fs, path[len("s3://"):].rstrip("/")
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs, inner.rstrip("/")
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """Join path parts under a local root or a URI."""
+    root = str(root)
+    return posixpath.join(root.rstrip("/"), *parts) if is_uri(root) else os.path.join(root, *parts)
+
+
+def resolve_under(root: str | os.PathLike, rel: str) -> str:
+    """The location of `rel` inside `root`, refusing anything that lands outside it.
+
+    Local roots compare real paths, so `../`, absolute paths and symlinks that point out are all caught;
+    URIs have no symlinks, so a normalised key must stay below the root's prefix.
+    """
+    root = str(root)
+    if not rel or not rel.strip():
+        raise PathEscapeError("empty image path")
+    if is_uri(rel):
+        raise PathEscapeError(f"image path {rel!r} is a URI; paths must be relative to the data root")
+    if is_uri(root):
+        base = root.rstrip("/")
+        scheme, _, prefix = base.partition("://")
+        key = posixpath.normpath(posixpath.join(prefix, rel))
+        if rel.startswith("/") or not key.startswith(prefix + "/"):
+            raise PathEscapeError(f"image path {rel!r} escapes the data root {root}")
+        return f"{scheme}://{key}"
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise PathEscapeError(f"image path {rel!r} resolves to {real}, outside the data root {real_root}")
+    return real
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8-sig")  # Excel writes a BOM in front of CSV files
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically where the filesystem allows it (local: temp file + rename)."""
+    if not is_uri(path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, inner = filesystem(path)
+    with fs.open_output_stream(inner) as f:  # an object store PUT is atomic already
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    if not is_uri(path):
+        return os.path.exists(path)
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def list_files(path: str | os.PathLike) -> list[str]:
+    """Names (not paths) of the files directly inside a directory; [] when it does not exist."""
+    if not is_uri(path):
+        return sorted(p.name for p in Path(path).iterdir() if p.is_file()) if os.path.isdir(path) else []
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def delete_file(path: str | os.PathLike) -> None:
+    if not is_uri(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(path)
+    fs.delete_file(inner)
+
+
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename within one filesystem (on S3 a copy + delete, which is how shards become visible whole)."""
+    if not is_uri(src):
+        os.replace(src, dst)
+        return
+    fs, src_inner = filesystem(src)
+    fs.move(src_inner, filesystem(dst)[1])
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)

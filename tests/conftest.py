@@ -1,0 +1,118 @@
+"""Shared fixtures: one local Ray for the whole session, generated datasets, model directories and odd
+image files. Nothing is downloaded; everything is made here."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+IMAGE_SIZE = 32
+NUM_CLASSES = 4
+TINY_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2}  # a fast model for plumbing tests
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (started on first use, stopped at the end)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A small multi-class shapes dataset (200 images, 4 classes)."""
+    from rayimgcls.synth import SynthConfig, make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("shapes"), SynthConfig(num_images=200, num_classes=NUM_CLASSES, seed=1))
+
+
+@pytest.fixture(scope="session")
+def multilabel_root(tmp_path_factory) -> Path:
+    from rayimgcls.synth import SynthConfig, make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("shapes_ml"),
+                        SynthConfig(num_images=120, num_classes=NUM_CLASSES, multilabel=True, seed=2))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, shapes_root) -> Path:
+    """An untrained multi-class model directory (fp32) with the shapes' class names."""
+    import json
+
+    from rayimgcls.model import make_untrained_model_dir
+
+    names = list(json.loads((shapes_root / "class_to_idx.json").read_text()))
+    out = tmp_path_factory.mktemp("model") / "model"
+    make_untrained_model_dir(out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, class_names=names,
+                             model_kwargs=TINY_VIT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def multilabel_model_dir(tmp_path_factory) -> Path:
+    from rayimgcls.model import make_untrained_model_dir
+
+    out = tmp_path_factory.mktemp("model_ml") / "model"
+    make_untrained_model_dir(out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, multilabel=True,
+                             model_kwargs=TINY_VIT)
+    return out
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def odd_image_bytes() -> dict[str, bytes]:
+    """Files that exercise the decode path: RGBA, CMYK, EXIF-rotated, grayscale, palette, 16-bit."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "rgb.jpg": encode(rgb, "JPEG", quality=90),
+        "rgba.png": encode(rgba, "PNG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG", quality=90),
+        "exif_rotated.jpg": encode(rgb, "JPEG", quality=90, exif=exif),
+        "gray.png": encode(rgb.convert("L"), "PNG"),
+        "palette.png": encode(rgb.convert("P"), "PNG"),
+        "gray16.png": encode(Image.fromarray((rng.integers(0, 65536, (48, 64))).astype(np.uint16)), "PNG"),
+    }
+
+
+@pytest.fixture(scope="session")
+def odd_images(tmp_path_factory) -> Path:
+    """A data root with odd_image_bytes() under images/ and a predictions.csv listing them."""
+    root = tmp_path_factory.mktemp("odd")
+    (root / "images").mkdir()
+    lines = ["image_path,label,subset,metadata"]
+    for name, data in odd_image_bytes().items():
+        (root / "images" / name).write_bytes(data)
+        lines.append(f"images/{name},0,test,{name}")
+    (root / "predictions.csv").write_text("\n".join(lines) + "\n")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
