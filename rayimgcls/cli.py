@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional
 
 import typer
 
-from rayimgcls.config import ConfigError, InferConfig, ServeConfig, TrainConfig, base_type, field_types, load_config
+from rayimgcls.config import ConfigError, base_type, field_types
 
 app = typer.Typer(help="Image classification on Ray: data -> train -> infer -> evaluate -> serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

@@ -7,7 +7,6 @@ Data tasks by the same `images.py` path that inference and serving use.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -18,18 +17,7 @@ import pandas as pd
 
 from rayimgcls import storage
 from rayimgcls.dataset import Problem
-from rayimgcls.images import (
-    DEFAULT_MAX_PIXELS,
-    Augment,
-    ImageError,
-    PreprocessConfig,
-    Transform,
-    decode_image,
-    decode_min_side,
-    eval_transform,
-    to_chw_uint8,
-    train_transform,
-)
+from rayimgcls.images import DEFAULT_MAX_PIXELS, Augment, ImageError, PreprocessConfig, preprocess
 
 ON_ERROR = ("raise", "keep")
 
@@ -55,17 +43,10 @@ class DecodeSpec:
             raise ValueError(f"on_error={self.on_error!r}: allowed {ON_ERROR}")
 
 
-@functools.lru_cache(maxsize=8)
-def _transform(pre: PreprocessConfig, aug: Augment | None) -> Transform:
-    return eval_transform(pre) if aug is None else train_transform(pre, aug)
-
-
 def load_image(data_root: str, rel: str, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
     """Read `rel` under `data_root` and preprocess it to uint8 (3, S, S). Raises ImageError,
     storage.PathEscapeError or OSError."""
-    min_side = decode_min_side(pre, aug.crop_scale_min if aug and aug.random_resized_crop else 1.0)
-    data = storage.read_bytes(storage.resolve_under(data_root, rel))
-    return to_chw_uint8(decode_image(data, max_pixels=pre.max_pixels, min_side=min_side), _transform(pre, aug))
+    return preprocess(storage.read_bytes(storage.resolve_under(data_root, rel)), pre, aug)
 
 
 def _reason(e: Exception) -> str:

@@ -8,6 +8,7 @@ than float32, and `normalize` runs on the model's device.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -189,11 +190,24 @@ def decode_min_side(pre: PreprocessConfig, crop_scale_min: float = 1.0) -> int:
     return math.ceil(2 * pre.resize_side / math.sqrt(crop_scale_min))
 
 
-def to_chw_uint8(img: Image.Image, transform: Transform) -> np.ndarray:
-    """Apply a transform and return a C-contiguous uint8 (3, S, S) array."""
-    out = transform(img)
+@functools.lru_cache(maxsize=8)
+def cached_transform(pre: PreprocessConfig, aug: Augment | None = None) -> Transform:
+    """The eval transform (aug None) or the train transform, built once per process."""
+    return eval_transform(pre) if aug is None else train_transform(pre, aug)
+
+
+def to_chw_uint8(img: Image.Image, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
+    """An RGB image through the eval (or train) transform -> C-contiguous uint8 (3, S, S)."""
+    out = cached_transform(pre, aug)(to_rgb(img))
     arr = out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def preprocess(data: bytes, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
+    """Image bytes -> uint8 (3, S, S): `decode_image` (limits, EXIF, RGB; JPEGs decoded reduced where that
+    loses nothing) then the transform. Training, batch inference, Serve and `Predictor` all call this."""
+    min_side = decode_min_side(pre, aug.crop_scale_min if aug and aug.random_resized_crop else 1.0)
+    return to_chw_uint8(decode_image(data, max_pixels=pre.max_pixels, min_side=min_side), pre, aug)
 
 
 def normalize(batch: torch.Tensor, pre: PreprocessConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:

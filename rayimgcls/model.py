@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rayimgcls import storage
-from rayimgcls.images import PreprocessConfig, decode_image, decode_min_side, eval_transform, normalize, to_chw_uint8
+from rayimgcls.images import PreprocessConfig, normalize, preprocess, to_chw_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,6 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device, precision: str) -> None:
         self.model, self.card, self.device = model, card, device
         self.precision = resolve_precision(precision, device, model, card.preprocess.input_size)
-        self._transform = eval_transform(card.preprocess)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, device: str | None = None, precision: str | None = None) -> Predictor:
@@ -240,14 +239,12 @@ class Predictor:
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image (bytes, path, PIL image or HWC uint8 array) -> uint8 (3, S, S)."""
-        pre = self.card.preprocess
         if isinstance(image, str | os.PathLike):
             image = Path(image).read_bytes()
         if isinstance(image, bytes):
-            image = decode_image(image, max_pixels=pre.max_pixels, min_side=decode_min_side(pre))
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        return to_chw_uint8(image, self._transform)
+            return preprocess(image, self.card.preprocess)
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else ImageOps.exif_transpose(image)
+        return to_chw_uint8(image, self.card.preprocess)
 
     @torch.inference_mode()
     def predict_batch(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
