@@ -19,7 +19,15 @@ from typing import Any, NoReturn, Optional
 
 import typer
 
-from rayimgcls.config import ConfigError, base_type, field_types
+from rayimgcls.config import (
+    ConfigError,
+    InferConfig,
+    ServeConfig,
+    TrainConfig,
+    base_type,
+    field_types,
+    load_config,
+)
 
 app = typer.Typer(help="Image classification on Ray: data -> train -> infer -> evaluate -> serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -194,6 +202,98 @@ def _print_report(report: Any, parallel: bool) -> None:
     typer.secho(f"{len(report.problems)} problem(s):", fg=typer.colors.RED)
     for p in report.problems:
         typer.echo(f"  {p}  [{p.code}]")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+@app.command()
+@config_flags(TrainConfig, CONFIG_OPTION, ADDRESS_OPTION)
+def train(**flags: Any) -> None:
+    """Train a timm model data-parallel on Ray Train (local Ray by default); re-run the same --run-name to
+    resume. Also: `python -m rayimgcls.train ...` and `ray job submit -- python -m rayimgcls.train ...`."""
+    config, address = _split(flags, "config", "address")
+    with user_errors():
+        cfg = load_config(TrainConfig, config, flags)
+        from rayimgcls.train import TrainingError, run
+
+        try:
+            run(cfg, address)
+        except TrainingError as e:
+            fail(str(e), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving
+
+@app.command()
+@config_flags(ServeConfig, CONFIG_OPTION, ADDRESS_OPTION)
+def serve(**flags: Any) -> None:
+    """Serve a model directory over HTTP with Ray Serve (local Ray by default, bound to 127.0.0.1 unless
+    --host says otherwise). Blocks until Ctrl-C or SIGTERM, then shuts down what it started."""
+    config, address = _split(flags, "config", "address")
+    with user_errors():
+        cfg = load_config(ServeConfig, config, flags)
+        from rayimgcls.serve import run
+
+        run(cfg, address)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch inference and evaluation
+
+@app.command()
+@config_flags(InferConfig, CONFIG_OPTION, ADDRESS_OPTION)
+def infer(**flags: Any) -> None:
+    """Predict every row of a CSV (predictions.csv by default) or a folder/glob of images with Ray Data into
+    sharded predictions-*.jsonl in --result-dir (local Ray by default); --resume finishes a stopped run."""
+    config, address = _split(flags, "config", "address")
+    with user_errors():
+        cfg = load_config(InferConfig, config, flags)
+        from rayimgcls.infer import PipelineError, ResultDirError, run_inference
+
+        try:
+            summary = run_inference(cfg, address)
+        except ResultDirError as e:
+            fail(str(e))
+        except PipelineError as e:
+            fail(str(e), 1)
+    typer.echo(summary.describe())
+    if not cfg.images:
+        typer.echo(f"next: rayimgcls evaluate --result-dir {cfg.result_dir}")
+
+
+@app.command()
+def evaluate(
+    result_dir: str = typer.Option(..., help="Result dir of `rayimgcls infer` (manifest.json + shards)."),
+    data_root: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, help="Dataset root holding labels.csv; default: the manifest's."),
+    subset: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="Only rows of this subset of labels.csv (e.g. test)."),
+    model_dir: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="Model directory --tune-thresholds writes to; default: the manifest's."),
+    tune_thresholds: bool = typer.Option(
+        False, help="Multi-label: per-class thresholds that maximise F1 on the validation rows, written to "
+                    "the model's config.json."),
+    worst: int = typer.Option(20, min=0, help="Worst-predicted images in the report."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Metrics of a batch-inference result against labels.csv: accuracy, per-class P/R/F1, confusion matrix
+    (CSV + PNG), most-confused pairs and worst predictions; mAP and F1 at thresholds for multi-label."""
+    from rayimgcls.infer import ResultDirError
+
+    if subset not in (None, "train", "validation", "test"):
+        fail(f"--subset {subset!r}: allowed train, validation, test")
+    with user_errors():
+        from rayimgcls.evaluate import evaluate as run
+        from rayimgcls.evaluate import format_report
+
+        try:
+            report = run(result_dir, data_root, subset=subset, model_dir=model_dir,
+                         tune_thresholds=tune_thresholds, worst=worst)
+        except ResultDirError as e:
+            fail(str(e))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 def main() -> None:

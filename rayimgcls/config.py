@@ -69,6 +69,7 @@ class TrainConfig:
     num_workers: int = opt(1, "Ray Train workers (one GPU each with --use-gpu).")
     use_gpu: bool = opt(False, "Give each worker a GPU.")
     cpus_per_worker: float | None = opt(None, "CPUs reserved per worker; default leaves Ray Data at least one CPU.")
+    torch_threads: int | None = opt(None, "torch threads per worker; default: its CPU reservation, at least 1.")
     # --- run ---
     run_name: str | None = opt(None, "Run name; the same name and storage path resumes. Default: new timestamp.")
     storage_path: str = opt("~/ray_results", "Where runs live (local path, NFS or s3://...).")
@@ -81,7 +82,7 @@ class TrainConfig:
 
     # Fields that may change between a run and its resumption: they do not change what is computed.
     RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
-        {"num_epochs", "max_failures", "output_dir", "logging_steps"})
+        {"num_epochs", "max_failures", "output_dir", "logging_steps", "run_name", "storage_path"})
 
     def __post_init__(self) -> None:
         if not storage.is_uri(self.storage_path):
@@ -107,6 +108,7 @@ class TrainConfig:
             _check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= x < 1"),
             _check(self, "num_workers", self.num_workers >= 1, ">= 1"),
             _check(self, "cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "> 0"),
+            _check(self, "torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1"),
             _check(self, "num_to_keep", self.num_to_keep >= 1, ">= 1"),
             _check(self, "checkpoint_metric", self.checkpoint_metric in (None, *CHECKPOINT_METRICS),
                    " | ".join(CHECKPOINT_METRICS)),
@@ -118,6 +120,8 @@ class TrainConfig:
             errors.append(f"batch_size={self.batch_size}: must divide evenly by num_workers={self.num_workers}")
         if not self.data_root:
             errors.append("data_root: required (the folder or URI holding labels.csv)")
+        if self.multilabel and (self.mixup or self.cutmix):
+            errors.append("mixup/cutmix: not supported with multilabel (they mix single-class targets)")
         _raise_if(errors, "training")
 
     @property
@@ -126,7 +130,7 @@ class TrainConfig:
         return self.checkpoint_metric or ("map" if self.multilabel else "top1")
 
 
-CHECKPOINT_METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1", "macro_f1_ml", "loss")
+CHECKPOINT_METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1", "macro_f1_ml", "val_loss")
 
 
 @dataclass
@@ -136,34 +140,50 @@ class InferConfig:
     result_dir: str = opt("", "Where predictions-*.jsonl shards and manifest.json go.")
     csv: str = opt("predictions.csv", "CSV under data_root with an image_path column.")
     subset: str | None = opt(None, "Only rows of this subset (train, validation, test).")
-    images: str | None = opt(None, "Predict a folder or glob of images instead of a CSV.")
+    images: str | None = opt(None, "Predict a folder (recursively) or a glob such as 'images/**/*.jpg' "
+                                   "instead of a CSV; relative to data_root when that is given.")
     batch_size: int = opt(64, "Images per model call.")
-    num_actors: int | None = opt(None, "Model actors (default: one per GPU, else enough to use the CPUs).")
+    num_actors: int | None = opt(None, "Model actors; default one per GPU with --use-gpu, else one per node.")
     use_gpu: bool = opt(False, "One GPU per model actor.")
+    cpus_per_actor: float | None = opt(
+        None, "CPUs each model actor reserves, the rest decode images; default 1 with --use-gpu, else 0.5.")
+    threads_per_actor: int | None = opt(
+        None, "Torch threads per model actor; default: the node's CPUs shared among its actors.")
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
     top_k: int = opt(5, "Classes listed in top_k (capped at the class count).")
     rows_per_shard: int = opt(10_000, "Input rows per predictions-NNNNN.jsonl shard.")
     merge: bool = opt(False, "Also write predictions.jsonl with every line.")
-    overwrite: bool = opt(False, "Replace earlier shards and manifest in result_dir (and nothing else).")
+    overwrite: bool = opt(False, "Delete our earlier output in result_dir (shards, manifest, evaluation "
+                                 "reports) first; other files stay.")
     resume: bool = opt(False, "Keep complete shards of the same model and input; compute the rest.")
 
     def __post_init__(self) -> None:
         errors = [
             _check(self, "batch_size", self.batch_size >= 1, ">= 1"),
             _check(self, "num_actors", self.num_actors is None or self.num_actors >= 1, ">= 1"),
+            _check(self, "cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "> 0"),
+            _check(self, "threads_per_actor", self.threads_per_actor is None or self.threads_per_actor >= 1,
+                   ">= 1"),
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "top_k", self.top_k >= 1, ">= 1"),
             _check(self, "rows_per_shard", self.rows_per_shard >= 1, ">= 1"),
-            _check(self, "subset", self.subset in (None, "train", "validation", "test"), "train | validation | test"),
+            _check(self, "subset", self.subset in (None, "train", "validation", "test"),
+                   "train | validation | test"),
         ]
         if self.overwrite and self.resume:
             errors.append("overwrite and resume: choose one")
+        if self.images and self.subset:
+            errors.append(f"subset={self.subset!r}: only with a CSV, not with images={self.images!r}")
         for name in ("model_dir", "result_dir"):
             if not getattr(self, name):
                 errors.append(f"{name}: required")
         if not self.data_root and not self.images:
             errors.append("data_root: required (or --images DIR_OR_GLOB)")
         _raise_if(errors, "inference")
+        for name in ("model_dir", "data_root", "result_dir"):  # Ray workers may run in another directory
+            value = getattr(self, name)
+            if value and not storage.is_uri(value):
+                setattr(self, name, os.path.abspath(os.path.expanduser(value)))
 
 
 @dataclass
@@ -178,29 +198,45 @@ class ServeConfig:
     use_gpu: bool = opt(False, "One GPU per model replica.")
     num_cpus: float = opt(0.5, "CPUs reserved per model replica (fractional so replicas fit on small hosts).")
     ingress_num_cpus: float = opt(0.25, "CPUs reserved per ingress replica.")
-    max_batch_size: int = opt(16, "Largest batch @serve.batch forms.")
+    ingress_replicas: int = opt(1, "Ingress replicas (they validate and decode images).")
+    torch_threads: int | None = opt(None, "Torch threads per model replica; default max(1, floor(num_cpus)).")
+    max_batch_size: int = opt(16, "Largest batch @serve.batch forms (1 turns batching off).")
     batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill.")
-    max_ongoing_requests: int | None = opt(None, "Per replica; default max(2 * max_batch_size, 32) so batches can fill.")
+    max_concurrent_batches: int = opt(
+        1, "Batches a model replica runs at once, each in a thread (2 with torch_threads=1: 2 CPU cores).")
+    max_ongoing_requests: int | None = opt(
+        None, "Per replica; default max(2 * max_batch_size * max_concurrent_batches, 32): batches can fill.")
     min_replicas: int = opt(1, "Autoscaling: fewest model replicas.")
     max_replicas: int = opt(1, "Autoscaling: most model replicas.")
     target_ongoing_requests: float = opt(8.0, "Autoscaling: ongoing requests per replica to aim for.")
     upscale_delay_s: float = opt(10.0, "Autoscaling: sustained load before adding a replica.")
     downscale_delay_s: float = opt(60.0, "Autoscaling: sustained idleness before removing one.")
+    look_back_period_s: float = opt(30.0, "Autoscaling: averaging window (> Serve's 10 s metrics interval).")
     max_body_bytes: int = opt(20 * 1024 * 1024, "Largest request body accepted (413 beyond).")
     max_pixels: int = opt(50_000_000, "Largest image in pixels (422 beyond), checked before decoding.")
     max_images: int = opt(64, "Most images in one request.")
 
     def __post_init__(self) -> None:
         errors = [
-            _check(self, "port", 0 <= self.port <= 65535, "0..65535"),
+            _check(self, "port", 1 <= self.port <= 65535, "1..65535"),
+            _check(self, "api_key", self.api_key is None or len(self.api_key) > 0, "a non-empty string"),
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "num_cpus", self.num_cpus >= 0, ">= 0"),
             _check(self, "ingress_num_cpus", self.ingress_num_cpus >= 0, ">= 0"),
+            _check(self, "ingress_replicas", self.ingress_replicas >= 1, ">= 1"),
+            _check(self, "torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1"),
             _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1"),
             _check(self, "batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0"),
+            _check(self, "max_concurrent_batches", self.max_concurrent_batches >= 1, ">= 1"),
+            _check(self, "max_ongoing_requests", self.max_ongoing_requests is None
+                   or self.max_ongoing_requests >= self.max_batch_size * self.max_concurrent_batches,
+                   ">= max_batch_size * max_concurrent_batches (or batches cannot fill)"),
             _check(self, "min_replicas", self.min_replicas >= 0, ">= 0"),
             _check(self, "max_replicas", self.max_replicas >= max(1, self.min_replicas), ">= max(1, min_replicas)"),
             _check(self, "target_ongoing_requests", self.target_ongoing_requests > 0, "> 0"),
+            _check(self, "upscale_delay_s", self.upscale_delay_s >= 0, ">= 0"),
+            _check(self, "downscale_delay_s", self.downscale_delay_s >= 0, ">= 0"),
+            _check(self, "look_back_period_s", self.look_back_period_s > 0, "> 0"),
             _check(self, "max_body_bytes", self.max_body_bytes >= 1, ">= 1"),
             _check(self, "max_pixels", self.max_pixels >= 1, ">= 1"),
             _check(self, "max_images", self.max_images >= 1, ">= 1"),
@@ -211,7 +247,7 @@ class ServeConfig:
 
     @property
     def ongoing_requests_limit(self) -> int:
-        return self.max_ongoing_requests or max(2 * self.max_batch_size, 32)
+        return self.max_ongoing_requests or max(2 * self.max_batch_size * self.max_concurrent_batches, 32)
 
 
 def _check(cfg: Any, name: str, ok: bool, allowed: str) -> str | None:
@@ -273,9 +309,18 @@ def coerce(cls: type, name: str, value: Any) -> Any:
         raise ConfigError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
 
 
+def check_keys(cls: type, keys: typing.Iterable[str], source: str) -> None:
+    """Refuse keys that are not fields of `cls`, naming the closest field (a typo must not pass silently)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in close.items()]
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}")
+
+
 def load_config(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Build a `cls` from defaults, then the YAML file, then the flags the user actually gave (not None)."""
-    names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if config_file:
         try:
@@ -286,11 +331,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: dict[str, 
             raise ConfigError(f"{config_file} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of names to values")
-        unknown = [k for k in loaded if k not in names]
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
-                     for k in unknown]
-            raise ConfigError(f"{config_file}: unknown key(s) {', '.join(hints)}")
+        check_keys(cls, loaded, config_file)
         values.update({k: coerce(cls, k, v) for k, v in loaded.items()})
     for k, v in (overrides or {}).items():
         if v is not None:

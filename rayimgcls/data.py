@@ -60,13 +60,8 @@ def _reason(e: Exception) -> str:
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
     """Ray Data UDF: decode and transform each row's image; attach labels."""
     if spec.augment is not None:
-        # Ray worker processes all start with torch's fixed default seed: reseed so that augmentations of
-        # different tasks and epochs are independent.
-        seed = int.from_bytes(os.urandom(4), "little")
-        random.seed(seed)
-        import torch
-
-        torch.manual_seed(seed)
+        # Fresh entropy per batch: a reused worker process must not replay the same augmentations.
+        random.seed(os.urandom(8))
     size = spec.preprocess.input_size
     images = np.zeros((len(batch["row"]), 3, size, size), dtype=np.uint8)
     errors = [""] * len(images)
@@ -107,15 +102,19 @@ def rows_dataset(df: pd.DataFrame, target_blocks_per_cpu: int = 4):
     return ray.data.from_pandas([df.iloc[i: i + rows_per_block] for i in range(0, len(df), rows_per_block)])
 
 
-def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0):
+def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0, shuffle_blocks: bool = False):
     """Rows (with `row`, `image_path` and, for labels, a `labels` column of id lists) -> decoded images.
 
     Output columns: `row`, `image` (uint8, 3 x S x S), `label` when spec.num_classes, and `image_path`,
-    `error` when spec.on_error == "keep". Streaming: nothing is materialised unless the caller asks.
+    `error` when spec.on_error == "keep". Streaming: nothing is materialised unless the caller asks;
+    `shuffle_blocks` randomises the order of row blocks on every pass (training epochs).
     """
     columns = ["row", "image_path"] + (["labels"] if spec.num_classes else [])
-    return rows_dataset(df[columns]).map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=64,
-                                                 num_cpus=num_cpus, batch_format="numpy")
+    rows = rows_dataset(df[columns])
+    if shuffle_blocks:  # a new block order each epoch: cheap shuffling before the decode, not after
+        rows = rows.randomize_block_order()
+    return rows.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=num_cpus,
+                            batch_format="numpy")
 
 
 def _check_batch(batch: dict[str, np.ndarray], data_root: str, max_pixels: int) -> dict[str, np.ndarray]:

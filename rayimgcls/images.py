@@ -1,9 +1,10 @@
 """Bytes -> RGB uint8 -> model input: the one preprocessing path of rayimgcls.
 
-Training's evaluation, batch inference, Serve and the Python API all call `decode_image` and the transform
-that `eval_transform` builds from the model directory's preprocessing config, so one file gives one tensor
-everywhere. Transforms stop at uint8 CHW (timm's "prefetcher" form): Ray's object store carries 4x less
-than float32, and `normalize` runs on the model's device.
+Training's evaluation, batch inference, Serve and the Python API all call `preprocess` (decode + the
+transform built from the model directory's preprocessing config), so one file gives one array everywhere.
+Transforms stop at uint8 CHW (timm's "prefetcher" form): Ray's object store carries 4x less than float32,
+and `normalize` runs on the model's device. This module imports neither torch nor timm, so the Ray Data
+decode tasks that import it start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from __future__ import annotations
 import functools
 import io
 import math
+import random
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
-from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel photo is fine; a 20000x20000 "bomb" is not
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white, as a browser shows them
@@ -153,34 +158,127 @@ class PreprocessConfig:
         return math.floor(self.input_size / self.crop_pct)
 
 
-Transform = Callable[[Image.Image], torch.Tensor]
+Transform = Callable[[Image.Image], np.ndarray]
+
+_INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def _interpolation(name: str) -> int:
+    if name not in _INTERPOLATION:
+        raise ValueError(f"interpolation {name!r}: allowed {', '.join(_INTERPOLATION)}")
+    return _INTERPOLATION[name]
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def resize_shorter(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """Shorter side -> `size`, aspect kept (torchvision's Resize(int) on a PIL image, to the pixel)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return img.resize((new_short, new_long) if w <= h else (new_long, new_short), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop for an image at least `size` on both sides."""
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def eval_transform(pre: PreprocessConfig) -> Transform:
-    """Resize + centre crop -> uint8 CHW tensor: timm's eval transform, minus the normalisation."""
-    return transforms_imagenet_eval(pre.input_size, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode,
-                                    interpolation=pre.interpolation, use_prefetcher=True)
+    """Resize + centre crop -> uint8 (3, S, S): timm's eval transform (same geometry, same PIL resampling)
+    without the normalisation, in plain PIL so decode tasks need not import torch."""
+    resample = _interpolation(pre.interpolation)
+    if pre.crop_mode == "center":
+        return lambda img: to_chw(center_crop(resize_shorter(img, pre.resize_side, resample), pre.input_size))
+    if pre.crop_mode == "squash":
+        side = pre.resize_side
+        return lambda img: to_chw(center_crop(img.resize((side, side), resample), pre.input_size))
+    raise ValueError(f"crop_mode {pre.crop_mode!r}: supported are center and squash")
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Train-time augmentation switches (timm's helpers do the work)."""
+    """Train-time augmentation switches."""
 
     random_resized_crop: bool = True
     crop_scale_min: float = 0.08
     hflip: float = 0.5
     vflip: float = 0.0
     color_jitter: float = 0.4
-    randaugment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1"
+    randaugment: str | None = None  # timm's spec, e.g. "rand-m9-mstd0.5-inc1"
+
+
+class TrainTransform:
+    """Random resized crop (timm's algorithm), flips, colour jitter and optionally timm's RandAugment ->
+    uint8 (3, S, S). Plain PIL and Python's `random` (which the caller seeds), so decode tasks stay light;
+    timm is imported only when RandAugment is asked for."""
+
+    def __init__(self, pre: PreprocessConfig, aug: Augment) -> None:
+        self.size, self.aug = pre.input_size, aug
+        self.resample = _interpolation(pre.interpolation)
+        self.randaugment = None
+        if aug.randaugment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            mean = tuple(round(255 * m) for m in pre.mean)
+            self.randaugment = rand_augment_transform(aug.randaugment, {"img_mean": mean, "translate_const": 
+                                                                        int(self.size * 0.45)})
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a random crop with area in [crop_scale_min, 1] of the image and
+        aspect ratio log-uniform in [3/4, 4/3]; after 10 misses, the largest centred crop in that range."""
+        ratio = (3 / 4, 4 / 3)
+        if self.aug.random_resized_crop:
+            area = width * height
+            for _ in range(10):
+                target = random.uniform(self.aug.crop_scale_min, 1.0) * area
+                aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+                w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+                if w <= width and h <= height:
+                    top, left = random.randint(0, height - h), random.randint(0, width - w)
+                    return left, top, left + w, top + h
+        else:
+            ratio = (1.0, 1.0)  # no random crop: the largest centred square
+        w, h = width, height
+        if width / height < ratio[0]:
+            h = int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            w = int(round(height * ratio[1]))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.resize((self.size, self.size), self.resample, box=self.crop_box(*img.size))
+        if random.random() < self.aug.hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if random.random() < self.aug.vflip:
+            img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if self.aug.color_jitter > 0:
+            img = self.jitter(img)
+        if self.randaugment is not None:
+            img = self.randaugment(img)
+        return to_chw(img)
+
+    def jitter(self, img: Image.Image) -> Image.Image:
+        """Brightness, contrast and saturation by factors in [1 - j, 1 + j], in random order (as torchvision's
+        ColorJitter with no hue)."""
+        from PIL import ImageEnhance
+
+        ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+        random.shuffle(ops)
+        j = self.aug.color_jitter
+        for op in ops:
+            img = op(img).enhance(random.uniform(max(0.0, 1 - j), 1 + j))
+        return img
 
 
 def train_transform(pre: PreprocessConfig, aug: Augment) -> Transform:
-    """Augmenting transform -> uint8 CHW tensor. Without random_resized_crop the crop is the largest centred
-    square (scale and ratio pinned to 1), resized to the input size."""
-    scale, ratio = ((aug.crop_scale_min, 1.0), (3 / 4, 4 / 3)) if aug.random_resized_crop else ((1.0, 1.0), (1.0, 1.0))
-    return transforms_imagenet_train(pre.input_size, scale=scale, ratio=ratio, hflip=aug.hflip, vflip=aug.vflip,
-                                     color_jitter=aug.color_jitter, auto_augment=aug.randaugment,
-                                     interpolation=pre.interpolation, use_prefetcher=True)
+    return TrainTransform(pre, aug)
 
 
 def decode_min_side(pre: PreprocessConfig, crop_scale_min: float = 1.0) -> int:
@@ -198,9 +296,7 @@ def cached_transform(pre: PreprocessConfig, aug: Augment | None = None) -> Trans
 
 def to_chw_uint8(img: Image.Image, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
     """An RGB image through the eval (or train) transform -> C-contiguous uint8 (3, S, S)."""
-    out = cached_transform(pre, aug)(to_rgb(img))
-    arr = out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return cached_transform(pre, aug)(to_rgb(img))
 
 
 def preprocess(data: bytes, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
@@ -210,8 +306,10 @@ def preprocess(data: bytes, pre: PreprocessConfig, aug: Augment | None = None) -
     return to_chw_uint8(decode_image(data, max_pixels=pre.max_pixels, min_side=min_side), pre, aug)
 
 
-def normalize(batch: torch.Tensor, pre: PreprocessConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> normalised float on the batch's device."""
+def normalize(batch: torch.Tensor, pre: PreprocessConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> normalised float on the batch's device (the one step that needs torch)."""
+    import torch
+
     mean = torch.tensor(pre.mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return ((batch.float() - mean) / std).to(dtype)
+    return ((batch.float() - mean) / std).to(dtype or torch.float32)

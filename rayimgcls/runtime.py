@@ -21,9 +21,7 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
         return
     kwargs: dict = {"address": address or None, "runtime_env": runtime_env}
     if quiet:
-        kwargs.update(log_to_driver=True, logging_level=logging.WARNING, include_dashboard=False)
-        if address or os.environ.get("RAY_ADDRESS"):
-            kwargs.pop("include_dashboard")  # only meaningful when starting a local cluster
+        kwargs["logging_level"] = logging.WARNING
     ray.init(**kwargs)
     logger.info("Ray %s: %s", "connected" if (address or os.environ.get("RAY_ADDRESS")) else "started locally",
                 ray.cluster_resources())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -82,16 +83,24 @@ def read_text(path: str | os.PathLike) -> str:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file atomically where the filesystem allows it (local: temp file + rename)."""
+    write_chunks(path, [data])
+
+
+def write_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    """`write_bytes` for data streamed in pieces (a merged file larger than memory), equally atomic."""
     if not is_uri(path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
         os.replace(tmp, path)
         return
     fs, inner = filesystem(path)
     with fs.open_output_stream(inner) as f:  # an object store PUT is atomic already
-        f.write(data)
+        for chunk in chunks:
+            f.write(chunk)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -112,6 +121,16 @@ def list_files(path: str | os.PathLike) -> list[str]:
     fs, inner = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def walk_files(path: str | os.PathLike) -> list[str]:
+    """Paths (relative to `path`, '/'-separated, sorted) of every file below a directory; [] when none."""
+    if not is_uri(path):
+        root = Path(path)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True, recursive=True))
+    return sorted(posixpath.relpath(i.path, inner) for i in infos if i.type == pafs.FileType.File)
 
 
 def delete_file(path: str | os.PathLike) -> None:

@@ -1,0 +1,324 @@
+"""Predictions + labels.csv -> metrics, confusion matrix, most-confused pairs and the worst-predicted images.
+
+Reads a result dir of `rayimgcls infer` through its manifest (so a half-written run is refused, never read
+as if complete), joins every line with its label in labels.csv, and computes the numbers with `metrics.py`,
+the same code training's validation uses. Nothing is dropped silently: error lines and rows without a label
+are counted and listed in the report. Pure Python on the driver: no Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rayimgcls import metrics, storage
+from rayimgcls.dataset import LABELS_CSV, DatasetError, Problem, check_rows, normalize_rel, read_csv
+from rayimgcls.infer import ResultDirError, iter_lines, read_manifest
+from rayimgcls.model import ModelError, read_card, write_card
+
+EXAMPLES = 20  # error lines / unlabelled rows listed in the report
+TUNED_ON_EVALUATED = "some evaluated rows tuned the thresholds: --subset test gives an unbiased figure"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The lines of a result dir as columns; `probs` holds the rows without an error only."""
+
+    manifest: dict
+    frame: pd.DataFrame  # row, input, error ("" when predicted)
+    probs: np.ndarray  # (rows without error, classes)
+
+
+def load_predictions(result_dir: str) -> Predictions:
+    manifest = read_manifest(result_dir)
+    lines = list(iter_lines(result_dir, manifest))
+    frame = pd.DataFrame({"row": [int(x["row"]) for x in lines], "input": [x["input"] for x in lines],
+                          "error": [x.get("error", "") for x in lines]})
+    num_classes = manifest["model"]["num_classes"]
+    probs = np.array([x["predictions"] for x in lines if "error" not in x], dtype=np.float64)
+    if len(probs) and probs.shape != (len(probs), num_classes):
+        raise ResultDirError(f"{result_dir}: predictions are not {num_classes} probabilities per line")
+    return Predictions(manifest, frame, probs.reshape(-1, num_classes))
+
+
+def attach_labels(preds: Predictions, data_root: str) -> pd.DataFrame:
+    """`preds.frame` plus `labels` (list of class ids, None when labels.csv has no row for it), `subset`
+    and `label_row` (its line in labels.csv). Rows join by line number when inference read labels.csv
+    itself, else by the normalised image path."""
+    model = preds.manifest["model"]
+    table = read_csv(data_root, LABELS_CSV)
+    labels, problems = check_rows(table, LABELS_CSV, model["num_classes"], model["multilabel"],
+                                  flag_duplicates=False)
+    right = pd.DataFrame({"label_row": table["row"], "key": table["image_path"].map(normalize_rel),
+                          "labels": labels, "subset": table["subset"]})
+    source = preds.manifest["input"]
+    if source["kind"] == "csv" and normalize_rel(source["csv"]) == LABELS_CSV:
+        joined = preds.frame.merge(right.drop(columns="key"), how="left", left_on="row", right_on="label_row")
+    else:
+        frame = preds.frame.assign(key=preds.frame["input"].map(normalize_rel))
+        joined = frame.merge(_unique_paths(right), how="left", on="key").drop(columns="key")
+    used = set(joined["label_row"].dropna().astype(int))
+    bad = [p for p in problems if p.line in used]
+    if bad:
+        raise DatasetError(bad)
+    joined["labels"] = joined["labels"].map(lambda x: x if isinstance(x, list) else None)
+    return joined
+
+
+def _unique_paths(table: pd.DataFrame) -> pd.DataFrame:
+    """One label row per image path; the same path labelled differently on two lines cannot be joined."""
+    problems = []
+    for key, group in table[table.duplicated("key", keep=False)].groupby("key"):
+        if len({tuple(x) for x in group["labels"]}) > 1:
+            lines = ", ".join(str(r) for r in group["label_row"])
+            problems.append(Problem(LABELS_CSV, int(group["label_row"].iloc[0]),
+                                    f"labelled differently on lines {lines}", "conflicting_labels", key))
+    if problems:
+        raise DatasetError(problems)
+    return table.drop_duplicates("key")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+
+def evaluate(result_dir: str, data_root: str | None = None, *, subset: str | None = None,
+             model_dir: str | None = None, tune_thresholds: bool = False, worst: int = 20,
+             confused: int = 10) -> dict:
+    """Compute the report, write evaluation[-SUBSET].json (and the confusion matrix for multi-class) into
+    the result dir, and return it. `tune_thresholds` (multi-label) picks per-class thresholds on the
+    validation rows and writes them into the model directory's config.json first."""
+    preds = load_predictions(result_dir)
+    model = preds.manifest["model"]
+    data_root = data_root or preds.manifest["input"]["data_root"]
+    joined = attach_labels(preds, data_root)
+    joined["p_index"] = _prob_index(joined)
+    selected = joined if subset is None else joined[joined["subset"] == subset]
+    failed, unlabelled = selected["error"] != "", (selected["error"] == "") & selected["labels"].isna()
+    scored = selected[~failed & ~unlabelled]
+    if scored.empty:
+        where = f" (subset {subset!r})" if subset else ""
+        raise DatasetError([Problem(LABELS_CSV, None, f"no labelled, predicted rows in {result_dir}{where}",
+                                    "nothing_to_evaluate")])
+    thresholds = {"values": model["thresholds"], "source": "the model's, as used by infer"}
+    if tune_thresholds:
+        thresholds = _tune(preds, joined, model_dir or model["dir"])
+    report: dict[str, Any] = {
+        "result_dir": result_dir, "data_root": data_root, "subset": subset or "all",
+        "model": {k: model[k] for k in ("name", "version", "dir", "multilabel", "num_classes")},
+        "input": preds.manifest["input"],
+        "rows": {"predicted": len(joined), "selected": len(selected), "errors": int(failed.sum()),
+                 "unlabelled": int(unlabelled.sum()), "evaluated": len(scored)},
+        "errors": _examples(selected[failed], ["row", "input", "error"]),
+        "unlabelled": _examples(selected[unlabelled], ["row", "input"]),
+    }
+    probs = preds.probs[scored["p_index"].to_numpy()]
+    names = model["class_names"]
+    if model["multilabel"]:
+        tuned_here = tune_thresholds and bool((scored["subset"] == "validation").any())
+        report["thresholds"] = thresholds
+        report["notes"] = [TUNED_ON_EVALUATED] if tuned_here else []
+        report.update(_multilabel(scored, probs, names, thresholds["values"], worst))
+    else:
+        report.update(_multiclass(scored, probs, names, worst, confused))
+        _write_confusion(result_dir, subset, names, np.asarray(report["confusion_matrix"]))
+    report = _finite(report)
+    storage.write_text(storage.join(result_dir, _name("evaluation", subset, "json")),
+                       json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _prob_index(joined: pd.DataFrame) -> pd.Series:
+    """Position of each line's probabilities in `Predictions.probs` (-1 for error lines)."""
+    ok = (joined["error"] == "").to_numpy()
+    index = np.full(len(joined), -1)
+    index[ok] = np.arange(ok.sum())
+    return pd.Series(index, index=joined.index)
+
+
+def _examples(frame: pd.DataFrame, columns: list[str]) -> list[dict]:
+    return [{c: (int(v) if c == "row" else v) for c, v in zip(columns, r, strict=True)}
+            for r in frame[columns].head(EXAMPLES).itertuples(index=False)]
+
+
+def _name(stem: str, subset: str | None, ext: str) -> str:
+    """evaluation.json for all rows, evaluation-test.json for --subset test (they do not overwrite)."""
+    return f"{stem}-{subset}.{ext}" if subset else f"{stem}.{ext}"
+
+
+def _tune(preds: Predictions, joined: pd.DataFrame, model_dir: str) -> dict:
+    """Per-class thresholds from the validation rows only, written into the model's config.json."""
+    model = preds.manifest["model"]
+    if not model["multilabel"]:
+        raise ModelError("--tune-thresholds: only for multi-label models (this one is multi-class)")
+    val = joined[(joined["subset"] == "validation") & (joined["error"] == "") & joined["labels"].notna()]
+    if val.empty:
+        message = ("--tune-thresholds needs predictions of validation rows: run `rayimgcls infer "
+                   "--csv labels.csv` (all subsets, or --subset validation)")
+        raise DatasetError([Problem(LABELS_CSV, None, message, "no_validation_rows")])
+    card = read_card(model_dir)
+    if card.version != model["version"]:
+        raise ModelError(f"{model_dir}: version {card.version[:12]} is not the model that made these "
+                         f"predictions ({model['version'][:12]}); pass its --model-dir")
+    targets = _multi_hot(val, model["num_classes"])
+    values = metrics.tune_thresholds(preds.probs[val["p_index"].to_numpy()], targets)
+    card.thresholds = values
+    write_card(model_dir, card)
+    return {"values": values, "source": f"tuned on {len(val)} validation rows, written to {model_dir}"}
+
+
+def _multi_hot(frame: pd.DataFrame, num_classes: int) -> np.ndarray:
+    hot = np.zeros((len(frame), num_classes), dtype=bool)
+    for i, ls in enumerate(frame["labels"]):
+        hot[i, ls] = True
+    return hot
+
+
+def _multiclass(scored: pd.DataFrame, probs: np.ndarray, names: list[str], worst: int, confused: int) -> dict:
+    targets = np.array([ls[0] for ls in scored["labels"]], dtype=np.int64)
+    m = metrics.multiclass_metrics(probs, targets)
+    cm = np.asarray(m["confusion_matrix"])
+    off = [(int(cm[i, j]), i, j) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
+    pairs = [{"true": names[i], "predicted": names[j], "count": n}
+             for n, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:confused]]
+    p_true = probs[np.arange(len(targets)), targets]
+    preds = probs.argmax(axis=1)
+    order = np.lexsort((scored["row"].to_numpy(), p_true))[:worst]
+    worst_rows = [{"row": int(scored["row"].iloc[i]), "input": scored["input"].iloc[i],
+                   "true": names[targets[i]], "predicted": names[preds[i]], "p_true": float(p_true[i]),
+                   "p_predicted": float(probs[i, preds[i]])} for i in order]
+    return {"accuracy": m["top1"], "top5": m.get("top5"), "macro_precision": m["macro_precision"],
+            "macro_recall": m["macro_recall"], "macro_f1": m["macro_f1"], "per_class": _per_class(m, names),
+            "confusion_matrix": m["confusion_matrix"], "most_confused": pairs, "worst": worst_rows}
+
+
+def _multilabel(scored: pd.DataFrame, probs: np.ndarray, names: list[str], thresholds: list[float],
+                worst: int) -> dict:
+    targets = _multi_hot(scored, len(names))
+    m = metrics.multilabel_metrics(probs, targets, thresholds)
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    loss = -(targets * np.log(clipped) + ~targets * np.log(1 - clipped)).mean(axis=1)
+    order = np.lexsort((scored["row"].to_numpy(), -loss))[:worst]
+    above = probs >= np.asarray(thresholds)[None, :]
+    worst_rows = [{"row": int(scored["row"].iloc[i]), "input": scored["input"].iloc[i],
+                   "true": [names[c] for c in np.flatnonzero(targets[i])],
+                   "predicted": [names[c] for c in np.flatnonzero(above[i])], "loss": float(loss[i])}
+                  for i in order]
+    return {"map": m["map"], "map_classes": m["map_classes"],
+            "classes_without_positives": m["classes_without_positives"], "micro_f1": m["micro_f1"],
+            "macro_f1": m["macro_f1_ml"], "sample_f1": m["sample_f1"], "per_class": _per_class(m, names),
+            "worst": worst_rows}
+
+
+def _per_class(m: dict, names: list[str]) -> list[dict]:
+    """metrics.py's per-class lists -> one record per class (AP too for multi-label)."""
+    keys = [k for k in ("ap", "precision", "recall", "f1", "support") if k in m["per_class"]]
+    return [{"class": name, **{k: m["per_class"][k][c] for k in keys}} for c, name in enumerate(names)]
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an undefined metric) -> null, so the report is valid JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_confusion(result_dir: str, subset: str | None, names: list[str], cm: np.ndarray) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["true \\ predicted", *names])
+    writer.writerows([name, *row] for name, row in zip(names, cm.tolist(), strict=True))
+    stem = storage.join(result_dir, _name("confusion_matrix", subset, ""))
+    storage.write_text(stem + "csv", buf.getvalue())
+    storage.write_bytes(stem + "png", confusion_png(names, cm))
+
+
+def confusion_png(names: list[str], cm: np.ndarray) -> bytes:
+    """The matrix as a PNG: colour = share of the true class (row), counts written in while they fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and safe in Ray workers and CI
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    side = min(max(4.0, 0.45 * n + 2), 40.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if n <= 60:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix\n(colour: share of the true class)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Terminal output
+
+def format_report(report: dict, rows: int = 10) -> str:
+    """The report as a readable table (the JSON file has everything)."""
+    r = report["rows"]
+    out = [f"evaluation of {report['result_dir']} (model {report['model']['name']} "
+           f"{report['model']['version'][:12]}, subset: {report['subset']})",
+           f"rows: {r['selected']} selected, {r['errors']} errors, {r['unlabelled']} without a label "
+           f"-> {r['evaluated']} evaluated (error and unlabelled rows are listed in the JSON report)"]
+    if report["model"]["multilabel"]:
+        out.append(f"mAP {_f(report['map'])} over {report['map_classes']} classes with positives; "
+                   f"F1 at the thresholds: micro {_f(report['micro_f1'])}, macro {_f(report['macro_f1'])}, "
+                   f"per-image {_f(report['sample_f1'])}")
+        out.append(f"thresholds: {report['thresholds']['source']}")
+        out += [f"note: {n}" for n in report["notes"]]
+        out += _table(["class", "AP", "precision", "recall", "F1", "support"],
+                      [[c["class"], c["ap"], c["precision"], c["recall"], c["f1"], c["support"]]
+                       for c in report["per_class"]])
+        out.append("worst predicted (highest loss):")
+        out += _table(["row", "input", "true", "predicted", "loss"],
+                      [[w["row"], w["input"], " ".join(w["true"]), " ".join(w["predicted"]), w["loss"]]
+                       for w in report["worst"][:rows]])
+        return "\n".join(out)
+    top5 = "n/a (5 classes or fewer)" if report["top5"] is None else _f(report["top5"])
+    out.append(f"accuracy {_f(report['accuracy'])}, top-5 {top5}; macro precision "
+               f"{_f(report['macro_precision'])}, recall {_f(report['macro_recall'])}, "
+               f"F1 {_f(report['macro_f1'])}")
+    out += _table(["class", "precision", "recall", "F1", "support"],
+                  [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]]
+                   for c in report["per_class"]])
+    out.append("most confused (true -> predicted):")
+    pairs = report["most_confused"][:rows]
+    out += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs] or ["  none"]
+    out.append("worst predicted (lowest probability of the true class):")
+    out += _table(["row", "input", "true", "predicted", "p(true)"],
+                  [[w["row"], w["input"], w["true"], w["predicted"], w["p_true"]]
+                   for w in report["worst"][:rows]])
+    return "\n".join(out)
+
+
+def _f(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [header] + [[_f(v) if isinstance(v, float) or v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]

@@ -1,0 +1,389 @@
+"""Data-parallel training on Ray Train: `python -m rayimgcls.train` and `rayimgcls train`.
+
+The driver checks everything it can before starting Ray (configuration, model name, the CSV, resuming),
+refuses resources the cluster can never give, starts a TorchTrainer whose workers run
+`train_worker.train_loop`, and finally exports the best checkpoint as a model directory. A run lives in
+<storage_path>/<run_name>/: Ray Train's checkpoints, config.yaml, metrics.jsonl, workers.json, curves.png,
+summary.json and, when rows were skipped, skipped_rows.csv. Re-running with the same name resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import yaml
+
+from rayimgcls import storage
+from rayimgcls.config import ConfigError, TrainConfig, diff, to_yaml
+from rayimgcls.dataset import (
+    LABELS_CSV,
+    ClassInfo,
+    DatasetError,
+    Problem,
+    check_rows,
+    read_csv,
+    resolve_classes,
+)
+from rayimgcls.images import Augment, PreprocessConfig
+from rayimgcls.model import ModelCard, ModelError, check_model_name, create_model, load_weights, save_model_dir
+from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_resources
+from rayimgcls.train_worker import (
+    METRICS_FILE,
+    LoopContext,
+    load_checkpoint_weights,
+    load_train_state,
+    train_loop,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+SKIPPED_FILE = "skipped_rows.csv"
+CURVES_FILE = "curves.png"
+CACHE_VALIDATION_BYTES = 1 << 30  # decoded validation subsets up to 1 GiB stay in the object store
+
+
+class TrainingError(RuntimeError):
+    """Training failed for a reason the user can read (a bad row, a worker error)."""
+
+
+@dataclass
+class PreparedData:
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    classes: ClassInfo
+    skipped: list[Problem]
+
+
+def default_run_name() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage_path, cfg.run_name or "")
+
+
+def check_resume(cfg: TrainConfig) -> str:
+    """'new', 'resume' or 'complete'. A run name that exists with other settings is refused, showing the
+    differences (only num_epochs, max_failures and where the model goes may change)."""
+    path = storage.join(run_dir(cfg), CONFIG_FILE)
+    if not storage.exists(path):
+        return "new"
+    stored = yaml.safe_load(storage.read_text(path))
+    changes = diff(stored, cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
+    if changes:
+        raise ConfigError(f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
+                          "--run-name, or the same settings to resume. Differences:\n  " + "\n  ".join(changes))
+    summary_path = storage.join(run_dir(cfg), SUMMARY_FILE)
+    if storage.exists(summary_path):
+        summary = json.loads(storage.read_text(summary_path))
+        if summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
+            return "complete"
+    return "resume"
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Parse and check labels.csv on the driver; every bad row fails (default) or is skipped and recorded."""
+    df = read_csv(cfg.data_root, LABELS_CSV)
+    raw, _ = check_rows(df, LABELS_CSV, None, None, flag_duplicates=False)
+    classes = resolve_classes(cfg.data_root, raw, cfg.num_intended_classes)
+    logger.info("classes: %s", classes.source)
+    labels, problems = check_rows(df, LABELS_CSV, classes.num_classes, cfg.multilabel, flag_duplicates=False)
+    largest = max((max(ls) for ls in raw if ls), default=-1)
+    if cfg.num_intended_classes is not None and largest >= cfg.num_intended_classes:
+        raise ConfigError(f"num_intended_classes={cfg.num_intended_classes}: the data has labels up to {largest} "
+                          f"(allowed {largest + 1}..1000)")
+    if problems and not cfg.skip_bad_rows:
+        raise DatasetError(problems, "\n(--skip-bad-rows skips such rows and records them in skipped_rows.csv)")
+    bad_lines = {p.line for p in problems}
+    df = df.assign(labels=labels)[~df["row"].isin(bad_lines)]
+    train, validation = df[df["subset"] == "train"], df[df["subset"] == "validation"]
+    if len(train) == 0:
+        raise DatasetError([Problem(LABELS_CSV, None, "no rows with subset 'train'", "no_train_rows")])
+    return PreparedData(train, validation, classes, problems)
+
+
+def worker_cpus(cfg: TrainConfig) -> float:
+    """CPUs each worker reserves: as given, 1 with a GPU, else the cluster's CPUs less one for Ray Data
+    (a trainer holding every CPU starves the decode tasks and hangs), capped by the largest node."""
+    if cfg.cpus_per_worker is not None:
+        return cfg.cpus_per_worker
+    if cfg.use_gpu:
+        return 1.0
+    import ray
+
+    total = max_resources().get("CPU", 0.0)
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
+    return max(0.25, min((total - 1) / cfg.num_workers, largest_node))
+
+
+def check_cluster(cfg: TrainConfig, cpus: float) -> None:
+    total = max_resources().get("CPU", 0.0)
+    check_resources(f"training with {cfg.num_workers} worker(s)", cpus=cfg.num_workers * cpus,
+                    gpus=cfg.num_workers if cfg.use_gpu else 0)
+    if cfg.num_workers * cpus > total - 0.5:
+        raise ResourceError(f"{cfg.num_workers} worker(s) x {cpus:g} CPU = {cfg.num_workers * cpus:g} of the "
+                            f"cluster's {total:g} CPUs leaves Ray Data none to decode images (the run would hang); "
+                            "lower --cpus-per-worker or --num-workers")
+
+
+def record_skipped(cfg: TrainConfig, data: PreparedData) -> None:
+    """Skip rows whose image cannot be used (checked on Ray) and write every skipped row to the run dir."""
+    from rayimgcls.data import check_images_on_ray
+
+    rows = pd.concat([data.train, data.validation])
+    data.skipped += check_images_on_ray(cfg.data_root, rows, LABELS_CSV)
+    bad = {p.line for p in data.skipped}
+    data.train = data.train[~data.train["row"].isin(bad)]
+    data.validation = data.validation[~data.validation["row"].isin(bad)]
+    if data.skipped:
+        table = pd.DataFrame([{"line": p.line, "image_path": p.path or "", "reason": f"{p.code}: {p.message}"}
+                              for p in sorted(data.skipped, key=lambda p: p.line or 0)])
+        storage.write_text(storage.join(run_dir(cfg), SKIPPED_FILE), table.to_csv(index=False))
+        logger.warning("skipped %d bad row(s); see %s", len(table), storage.join(run_dir(cfg), SKIPPED_FILE))
+
+
+def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessConfig]:
+    """The exact timm kwargs and the preprocessing of the model (built on the meta device: no memory)."""
+    check_model_name(cfg.model)
+    with torch.device("meta"):
+        model, kwargs = create_model(cfg.model, num_classes, cfg.image_size, dropout_rate=cfg.dropout_rate,
+                                     attention_dropout_rate=cfg.attention_dropout_rate, model_kwargs=cfg.model_kwargs)
+    return kwargs, PreprocessConfig.from_model(model, cfg.image_size)
+
+
+def pretrained_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """Weights to fine-tune from: a local file, or a timm hub name when the hub is reachable."""
+    if not cfg.pretrained:
+        return None
+    if storage.exists(cfg.pretrained) or "/" in cfg.pretrained or cfg.pretrained.endswith((".safetensors", ".pth")):
+        return load_weights(cfg.pretrained)
+    import timm
+
+    try:
+        return timm.create_model(cfg.pretrained, pretrained=True).state_dict()
+    except Exception as e:  # noqa: BLE001 - no hub, unknown name, no network: say which
+        raise ModelError(f"pretrained={cfg.pretrained!r}: not a local file, and loading it from the hub failed "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, cpus: float):
+    import ray
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayimgcls.data import DecodeSpec, image_dataset
+
+    DataContext.get_current().enable_progress_bars = False  # travels with the datasets to the workers
+    augment = Augment(cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter,
+                      cfg.randaugment)
+    spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment, data.classes.num_classes, cfg.multilabel)
+    datasets = {"train": image_dataset(data.train, spec, shuffle_blocks=True).select_columns(["image", "label"])}
+    if len(data.validation):
+        eval_spec = dataclasses.replace(spec, augment=None)
+        validation = image_dataset(data.validation, eval_spec).select_columns(["image", "label"])
+        if len(data.validation) * 3 * pre.input_size**2 <= CACHE_VALIDATION_BYTES:
+            validation = validation.materialize()  # deterministic: decode once, not every epoch
+        datasets["validation"] = validation
+    state = pretrained_state(cfg)
+    ctx = LoopContext(cfg=dataclasses.asdict(cfg), num_classes=data.classes.num_classes,
+                      class_names=data.classes.names, preprocess=pre.to_dict(), model_kwargs=model_kwargs,
+                      steps_per_epoch=steps_per_epoch(cfg, len(data.train)), run_dir=run_dir(cfg), has_validation=bool(len(data.validation)),
+                      pretrained_state=ray.put(state) if state is not None else None)
+    metric = cfg.metric if len(data.validation) else None
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"ctx": ctx, "torch_threads": cfg.torch_threads or max(1, int(cpus))},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.storage_path, logging_config=LoggingConfig(log_level="WARNING"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=metric,
+                                               checkpoint_score_order="min" if metric == "val_loss" else "max")),
+        datasets=datasets,
+        # Only train is split: rank 0 scores the whole validation subset, so every row counts once.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def steps_per_epoch(cfg: TrainConfig, train_rows: int) -> int:
+    """Optimizer steps per epoch: Ray Train gives each worker an equal share of the rows and we drop the
+    last partial batch, so this is exact (OneCycleLR needs the real total)."""
+    per_worker = cfg.batch_size // cfg.num_workers
+    steps = (train_rows // cfg.num_workers) // per_worker
+    if steps == 0:
+        raise ConfigError(f"batch_size={cfg.batch_size}: the train subset has {train_rows} rows, fewer than "
+                          f"one batch of {per_worker} per worker ({cfg.num_workers} workers)")
+    return steps
+
+
+def failure_message(error: BaseException) -> str:
+    """The line a user needs out of a worker's traceback (a bad row names its CSV line)."""
+    text = str(error)
+    found = re.findall(r"BadRowError: (.+)", text)
+    if found:
+        return found[-1]
+    lines = [x for x in text.splitlines() if x.strip()]
+    errors = [x for x in lines if re.match(r"^\w+(Error|Exception)\b", x.strip())]
+    return (errors[-1] if errors else lines[-1] if lines else repr(error)).strip()
+
+
+def best_checkpoint(result, cfg: TrainConfig, has_validation: bool):
+    if has_validation and result.best_checkpoints:
+        metric = cfg.metric
+        sign = -1 if metric == "val_loss" else 1
+        scored = [(c, m) for c, m in result.best_checkpoints if metric in m]
+        if scored:
+            return max(scored, key=lambda cm: sign * cm[1][metric])
+    return result.checkpoint, (result.metrics or {})
+
+
+def export(cfg: TrainConfig, checkpoint, metrics: dict, data_classes: ClassInfo, model_kwargs: dict,
+           pre: PreprocessConfig, summary: dict) -> str:
+    """Write the best checkpoint as the model directory (DESIGN §4)."""
+    out = cfg.output_dir or storage.join(run_dir(cfg), "model")
+    with checkpoint.as_directory() as d:
+        weights = load_checkpoint_weights(d)
+        epoch = load_train_state(d)["epoch"]
+    model, _ = create_model(cfg.model, data_classes.num_classes, model_kwargs=model_kwargs)
+    model.load_state_dict(weights)
+    card = ModelCard(cfg.model, model_kwargs, data_classes.num_classes, cfg.multilabel, data_classes.names, pre,
+                     precision=cfg.precision,
+                     training={**summary, "exported_epoch": epoch, "exported_metrics": metrics})
+    save_model_dir(model, card, out)
+    return out
+
+
+def run(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Train (or resume, or re-export a finished run) and return the summary."""
+    if cfg.run_name is None:
+        cfg.run_name = default_run_name()
+        print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
+    state = check_resume(cfg)
+    data = prepare_data(cfg)
+    model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
+    init_ray(address)
+    cpus = worker_cpus(cfg)
+    check_cluster(cfg, cpus)
+    if state == "new":
+        storage.makedirs(run_dir(cfg))
+        storage.write_text(storage.join(run_dir(cfg), CONFIG_FILE), to_yaml(cfg))
+    if cfg.skip_bad_rows:
+        record_skipped(cfg, data)
+    if state == "complete":
+        print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again",
+              flush=True)
+        return finish(cfg, data, model_kwargs, pre, started=time.time(), result=_load_result(cfg))
+    if state == "resume":
+        print(f"resuming run {cfg.run_name} from {run_dir(cfg)}", flush=True)
+    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus)
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the readable part
+        raise TrainingError(f"training failed: {failure_message(e)}") from e
+    if result.error is not None:
+        raise TrainingError(f"training failed: {failure_message(result.error)}")
+    return finish(cfg, data, model_kwargs, pre, started, result)
+
+
+def _load_result(cfg: TrainConfig):
+    from ray.train import Result
+
+    return Result.from_path(run_dir(cfg))
+
+
+def finish(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, started: float,
+           result) -> dict:
+    """Export the best checkpoint, write summary.json and curves.png, print the summary table."""
+    lines = _metrics_lines(cfg)
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    steps = [x for x in lines if x["type"] == "step"]
+    checkpoint, best = best_checkpoint(result, cfg, bool(len(data.validation)))
+    summary = {
+        "run_name": cfg.run_name, "completed": True, "epochs": cfg.num_epochs,
+        "steps": epochs[-1]["step"] if epochs else 0, "metric": cfg.metric,
+        "best_epoch": best.get("epoch"), "best": {k: v for k, v in best.items() if isinstance(v, float | int)},
+        "final": epochs[-1] if epochs else {}, "num_classes": data.classes.num_classes,
+        "num_train": len(data.train), "num_validation": len(data.validation), "skipped_rows": len(data.skipped),
+        "images_per_s": round(sum(x["images_per_s"] for x in steps) / len(steps), 1) if steps else None,
+        "seconds": round(time.time() - started, 1),
+    }
+    summary["model_dir"] = export(cfg, checkpoint, best, data.classes, model_kwargs, pre, summary)
+    storage.write_text(storage.join(run_dir(cfg), SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    storage.write_bytes(storage.join(run_dir(cfg), CURVES_FILE), plot_curves(lines))
+    print(summary_table(epochs, cfg.metric), flush=True)
+    print(f"model directory: {summary['model_dir']}", flush=True)
+    return summary
+
+
+def _metrics_lines(cfg: TrainConfig) -> list[dict]:
+    path = storage.join(run_dir(cfg), METRICS_FILE)
+    if not storage.exists(path):
+        return []
+    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
+
+
+def summary_table(epochs: list[dict], metric: str) -> str:
+    cols = [c for c in ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micro_f1") if
+            any(c in e for e in epochs)]
+    head = "epoch  " + "  ".join(f"{c:>10}" for c in cols)
+    rows = [f"{e['epoch']:>5}  " + "  ".join(f"{e.get(c, float('nan')):>10.4f}" for c in cols) for e in epochs]
+    return "\n".join([head, *rows, f"(checkpoints ranked by {metric})"])
+
+
+def plot_curves(lines: list[dict]) -> bytes:
+    """curves.png: loss and learning rate per step, validation metrics per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [x for x in lines if x["type"] == "step"]
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([x["step"] for x in steps], [x["loss"] for x in steps], label="train loss (step)")
+    if any("val_loss" in e for e in epochs):
+        axes[0].plot([e["step"] for e in epochs], [e.get("val_loss") for e in epochs], "o-", label="val loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[1].plot([x["step"] for x in steps], [x["lr"] for x in steps])
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("learning rate")
+    for key in ("top1", "top5", "macro_f1", "map", "micro_f1"):
+        if any(key in e for e in epochs):
+            axes[2].plot([e["epoch"] for e in epochs], [e.get(key) for e in epochs], "o-", label=key)
+    axes[2].set_xlabel("epoch")
+    axes[2].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rayimgcls.train`: the flags of `rayimgcls train`, e.g. under `ray job submit`."""
+    import typer
+
+    from rayimgcls.cli import _setup_logging, app
+
+    _setup_logging()
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    command.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m rayimgcls.train")
+
+
+if __name__ == "__main__":
+    main()

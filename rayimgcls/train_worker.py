@@ -1,0 +1,344 @@
+"""The Ray Train worker loop: one copy runs in each training worker.
+
+Resume is exact by construction: a checkpoint holds the model, optimizer and LR-scheduler state, the
+completed epoch and the global step; every epoch draws its random numbers from a seed derived from
+(seed, epoch, rank), so a resumed epoch starts from the same RNG state as the uninterrupted run would, and
+metrics.jsonl is cut back to the checkpoint's step before it grows again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayimgcls import storage
+from rayimgcls.config import TrainConfig
+from rayimgcls.images import PreprocessConfig, normalize
+from rayimgcls.metrics import summary_metrics
+from rayimgcls.model import WEIGHTS_FILE, create_model
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+WORKERS_FILE = "workers.json"
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What the driver resolved and every worker needs (travels as train_loop_config)."""
+
+    cfg: dict
+    num_classes: int
+    class_names: list[str]
+    preprocess: dict
+    model_kwargs: dict
+    steps_per_epoch: int
+    run_dir: str
+    has_validation: bool
+    pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
+
+
+def say(message: str) -> None:
+    """One line to the driver's console. Ray Train patches print() into its logger, which the driver shows
+    twice; the worker's raw stdout is forwarded once."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % (2**31)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, global_step: int,
+                    metrics: dict) -> None:
+    """Weights as safetensors, the rest as a torch file that loads with weights_only=True."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(path, WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "global_step": global_step, "metrics": metrics}, os.path.join(path, TRAIN_STATE_FILE))
+
+
+def load_train_state(path: str) -> dict:
+    return torch.load(os.path.join(path, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, WEIGHTS_FILE))
+
+
+class MetricsLog:
+    """metrics.jsonl, owned by rank 0: one line per logging step and per epoch. The file is rewritten
+    whole (object stores cannot append); on resume it is cut back to the checkpoint's step."""
+
+    def __init__(self, run_dir: str, resume_step: int | None) -> None:
+        self.path = storage.join(run_dir, METRICS_FILE)
+        self.lines: list[dict] = []
+        if resume_step is not None and storage.exists(self.path):
+            old = [json.loads(x) for x in storage.read_text(self.path).splitlines() if x.strip()]
+            self.lines = [x for x in old if x["step"] <= resume_step]
+
+    def add(self, **record: Any) -> None:
+        self.lines.append({**record, "time": round(time.time(), 3)})
+        storage.write_text(self.path, "".join(json.dumps(x) + "\n" for x in self.lines))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=total_steps)
+    return optimizer, scheduler
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.OneCycleLR) -> tuple[int, int]:
+    """Load the latest checkpoint if Ray Train has one; return (epochs done, global step)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(load_checkpoint_weights(d))
+        state = load_train_state(d)
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scheduler"]["total_steps"] == scheduler.total_steps:
+        scheduler.load_state_dict(state["scheduler"])
+    else:  # num_epochs changed: same schedule shape over the new length, fast-forwarded
+        for _ in range(state["global_step"]):
+            scheduler.step()
+    return state["epoch"], state["global_step"]
+
+
+def load_transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load backbone weights for fine-tuning: the model's own checkpoint filter (e.g. ViT position-embedding
+    resampling) runs first, and tensors whose shape differs (a classifier for another class count) are left
+    at their fresh initialisation. Returns the names of the tensors that were not loaded."""
+    import importlib
+
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as e:  # noqa: BLE001 - a filter that does not apply: load the state as it is
+            logger.info("checkpoint_filter_fn of %s did not apply (%s)", type(model).__name__, e)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware has it (CUDA with bf16) for 'auto' or 'bf16'; fp32 on CPUs for
+    'auto' (CPU bf16 training speed varies too much between models and chips to assume)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def timed(it: Iterator) -> Iterator[tuple[float, Any]]:
+    """Yield (seconds spent waiting for the item, item)."""
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, item
+
+
+def train_loop(config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx: LoopContext = config["ctx"]
+    cfg = TrainConfig(**ctx.cfg)
+    pre = PreprocessConfig.from_dict(ctx.preprocess)
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    _record_worker(ctx.run_dir, rank, world)
+
+    seed_everything(cfg.seed)  # identical initial weights on every worker
+    model, _ = create_model(cfg.model, ctx.num_classes, model_kwargs=ctx.model_kwargs)
+    if ctx.pretrained_state is not None:
+        state = ray.get(ctx.pretrained_state) if isinstance(ctx.pretrained_state, ray.ObjectRef) else ctx.pretrained_state
+        fresh = load_transfer_weights(model, state)
+        if rank == 0 and fresh:
+            say(f"fine-tuning from {cfg.pretrained}: freshly initialised {', '.join(fresh)}")
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.num_epochs * ctx.steps_per_epoch)
+    start_epoch, global_step = restore(model, optimizer, scheduler)
+    model = ray.train.torch.prepare_model(model)
+    log = MetricsLog(ctx.run_dir, global_step) if rank == 0 else None
+    if log is not None and start_epoch:
+        say(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
+        log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
+
+    loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes)
+    amp = autocast_dtype(cfg.precision, device)
+    batch_size = cfg.batch_size // world
+    for epoch in range(start_epoch, cfg.num_epochs):
+        seed_everything(epoch_seed(cfg.seed, epoch, rank))
+        model.train()
+        epoch_loss, steps, window = 0.0, 0, _Window()
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=max(4 * batch_size, 256),
+                                           dtypes={"image": torch.uint8, "label": _label_dtype(cfg)})
+        for wait, batch in timed(iter(batches)):
+            if steps == ctx.steps_per_epoch:
+                break  # equal shards make this rare; never step the schedule past its end
+            x = normalize(batch["image"], pre)
+            y = batch["label"]
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_fn(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            global_step, steps = global_step + 1, steps + 1
+            epoch_loss += loss.item()
+            window.add(len(x) * world, wait)
+            if log is not None and global_step % cfg.logging_steps == 0:
+                rate, wait_frac = window.flush()
+                lr = scheduler.get_last_lr()[0]
+                log.add(type="step", epoch=epoch + 1, step=global_step, loss=round(loss.item(), 6), lr=lr,
+                        images_per_s=round(rate, 1), data_wait=round(wait_frac, 4))
+                say(f"epoch {epoch + 1}/{cfg.num_epochs} step {global_step}/{cfg.num_epochs * ctx.steps_per_epoch}"
+                    f" loss {loss.item():.4f} lr {lr:.3g} {rate:.0f} img/s data-wait {100 * wait_frac:.1f}%")
+        metrics = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}
+        if ctx.has_validation and rank == 0:
+            metrics.update(evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp))
+        _report(ctx, model, optimizer, scheduler, metrics, rank, log)
+
+
+class _Window:
+    """Images and data-wait time since the last log line."""
+
+    def __init__(self) -> None:
+        self.start, self.images, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, images: int, wait: float) -> None:
+        self.images += images
+        self.wait += wait
+
+    def flush(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = (self.images / elapsed, self.wait / elapsed)
+        self.__init__()
+        return out
+
+
+def _label_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.float32 if cfg.multilabel else torch.int64
+
+
+def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+    """Cross-entropy (label smoothing, or soft targets under MixUp/CutMix) or BCE-with-logits."""
+    if cfg.multilabel:
+        return torch.nn.BCEWithLogitsLoss(), None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pre: PreprocessConfig, cfg: TrainConfig, num_classes: int,
+             device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
+    """Loss and metrics over the whole validation subset (rank 0 only: it is not split between workers)."""
+    import ray.train
+
+    model.eval()
+    probs, targets, loss_sum = [], [], 0.0
+    shard = ray.train.get_dataset_shard("validation")
+    for batch in shard.iter_torch_batches(batch_size=max(cfg.batch_size, 64), device=device,
+                                          dtypes={"image": torch.uint8, "label": _label_dtype(cfg)}):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(normalize(batch["image"], pre)).float()
+        y = batch["label"]
+        if cfg.multilabel:
+            loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / num_classes
+            probs.append(logits.sigmoid().cpu().numpy())
+        else:
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            probs.append(logits.softmax(-1).cpu().numpy())
+        targets.append(y.cpu().numpy())
+    if not probs:
+        return {}
+    p, t = np.concatenate(probs), np.concatenate(targets)
+    out = {"val_loss": loss_sum / len(p), **summary_metrics(p, t, cfg.multilabel)}
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _report(ctx: LoopContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.OneCycleLR, metrics: dict, rank: int, log: MetricsLog | None) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint and logs the epoch."""
+    import ray.train
+
+    epoch = metrics["epoch"]
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(epoch))
+        return
+    assert log is not None
+    log.add(type="epoch", **metrics)
+    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step", "loss"))
+    say(f"epoch {epoch} done: {shown}")
+    unwrapped = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, unwrapped, optimizer, scheduler, epoch, metrics["step"], metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_dir_name(epoch))
+
+
+def _record_worker(run_dir: str, rank: int, world: int) -> None:
+    """workers.json: rank -> node, host, pid, device of this attempt (for debugging and cluster tests)."""
+    import ray
+
+    info = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    gathered: list[Any] = [info]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, info)
+    if rank == 0:
+        storage.write_text(storage.join(run_dir, WORKERS_FILE), json.dumps(gathered, indent=2) + "\n")

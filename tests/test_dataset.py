@@ -1,0 +1,157 @@
+"""dataset.py: reading labels.csv with line numbers, every validation problem (each names file and line),
+path escapes (../, absolute, symlinks), class resolution and from_folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import encode
+from rayimgcls.dataset import DatasetError, check_image, from_folders, read_csv, resolve_classes, validate
+
+
+def write_root(root: Path, csv_text: str, images: dict[str, bytes] | None = None) -> Path:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name, data in (images or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "labels.csv").write_text(csv_text)
+    return root
+
+
+@pytest.fixture
+def jpeg() -> bytes:
+    from PIL import Image
+
+    return encode(Image.new("RGB", (20, 20), (200, 10, 10)), "JPEG")
+
+
+def test_read_csv_keeps_line_numbers_across_quoted_newlines(tmp_path, jpeg):
+    write_root(tmp_path, 'image_path,label,subset,metadata\nimages/a.jpg,0,train,"two\nlines"\n\n'
+                         "./images/a.jpg,1,test,\n", {"images/a.jpg": jpeg})
+    df = read_csv(str(tmp_path))
+    assert list(df["row"]) == [2, 5]  # the second record starts on line 5 (after a 2-line record, a blank)
+    assert list(df["image_path"]) == ["images/a.jpg", "./images/a.jpg"]
+
+
+def test_missing_file_empty_file_and_missing_columns(tmp_path):
+    with pytest.raises(DatasetError, match="labels.csv: not found"):
+        read_csv(str(tmp_path))
+    (tmp_path / "labels.csv").write_text("")
+    with pytest.raises(DatasetError, match="labels.csv:1: empty file"):
+        read_csv(str(tmp_path))
+    (tmp_path / "labels.csv").write_text("image_path,label,subset\n")
+    with pytest.raises(DatasetError, match="no data rows"):
+        read_csv(str(tmp_path))
+    (tmp_path / "labels.csv").write_text("imagepath,label,subsets\nimages/a.jpg,0,train\n")
+    with pytest.raises(DatasetError) as e:
+        read_csv(str(tmp_path))
+    text = str(e.value)
+    assert "labels.csv:1: missing column 'image_path' (found 'imagepath': misnamed?)" in text
+    assert "missing column 'subset' (found 'subsets': misnamed?)" in text
+
+
+def test_validate_reports_every_problem_with_its_line(tmp_path, jpeg):
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg)
+    root = write_root(tmp_path / "root", "\n".join([
+        "image_path,label,subset,metadata",
+        "images/ok.jpg,0,train,",           # 2 fine
+        "images/ok2.jpg,x,train,",          # 3 not an integer
+        "images/ok2.jpg,9,train,",          # 4 out of range (and a duplicate of line 3)
+        "images/ok3.jpg,-1,train,",         # 5 negative
+        "images/ok3.jpg,1,valid,",          # 6 unknown subset (duplicate of 5)
+        "images/missing.jpg,1,test,",       # 7 missing file
+        "images/trunc.jpg,1,train,",        # 8 truncated
+        "../outside.jpg,1,train,",          # 9 escapes with ../
+        f"{outside},1,train,",              # 10 absolute path
+        "images/link.jpg,1,train,",         # 11 symlink pointing out
+        "images/bomb.png,1,train,",         # 12 too many pixels
+        "images/text.jpg,1,train,",         # 13 not an image
+        "images/multi.jpg,0 1,train,",      # 14 several labels, single-label dataset
+    ]) + "\n", {"images/ok.jpg": jpeg, "images/ok2.jpg": jpeg, "images/ok3.jpg": jpeg, "images/multi.jpg": jpeg,
+                "images/trunc.jpg": jpeg[: len(jpeg) // 2], "images/text.jpg": b"not an image",
+                "images/bomb.png": _bomb()})
+    os.symlink(outside, root / "images" / "link.jpg")
+    report = validate(str(root), num_intended_classes=3, multilabel=False, max_pixels=1_000_000)
+    found = {(p.line, p.code) for p in report.problems}
+    expected = {(3, "bad_label"), (4, "label_out_of_range"), (4, "duplicate_row"), (5, "label_out_of_range"),
+                (6, "unknown_subset"), (6, "duplicate_row"), (7, "missing_file"), (8, "truncated"),
+                (9, "path_escape"), (10, "path_escape"), (11, "path_escape"), (12, "too_many_pixels"),
+                (13, "unsupported_format"), (14, "multiple_labels")}
+    assert expected <= found, expected - found
+    assert not any(p.line == 2 for p in report.problems)
+    assert all(str(p).startswith(f"labels.csv:{p.line}: ") for p in report.problems)
+    assert "label 9 outside [0, 2]" in str(next(p for p in report.problems if p.line == 4))
+    assert not report.ok
+
+
+def _bomb() -> bytes:
+    from PIL import Image
+
+    return encode(Image.new("L", (3000, 3000)), "PNG")
+
+
+def test_validate_checks_predictions_csv_too(tmp_path, jpeg):
+    root = write_root(tmp_path, "image_path,label,subset\nimages/a.jpg,0,train\n", {"images/a.jpg": jpeg})
+    (root / "predictions.csv").write_text("image_path\nimages/a.jpg\nimages/a.jpg\nimages/gone.jpg\n")
+    report = validate(str(root))
+    assert report.rows == {"labels.csv": 1, "predictions.csv": 3}
+    assert [(p.file, p.line, p.code) for p in report.problems] == [("predictions.csv", 4, "missing_file")]
+
+
+def test_class_count_comes_from_the_right_place(tmp_path):
+    labels = [[0], [4]]
+    assert resolve_classes(str(tmp_path), labels).num_classes == 5
+    assert "largest label (4) + 1" in resolve_classes(str(tmp_path), labels).source
+    (tmp_path / "class_to_idx.json").write_text(json.dumps({f"c{i}": i for i in range(7)}))
+    info = resolve_classes(str(tmp_path), labels)
+    assert info.num_classes == 7 and info.names[6] == "c6" and "class_to_idx.json" in info.source
+    assert resolve_classes(str(tmp_path), labels, 10).num_classes == 10
+
+
+def test_generated_dataset_is_clean(shapes_root):
+    report = validate(str(shapes_root))
+    assert report.ok, report.problems
+    assert report.num_classes == 4 and sum(report.subsets.values()) == 200
+    assert set(report.subsets) == {"train", "validation", "test"}
+
+
+def test_multilabel_cardinality_is_reported(multilabel_root):
+    report = validate(str(multilabel_root))
+    assert report.ok and report.multilabel
+    assert set(report.labels_per_image) <= {1, 2, 3} and len(report.labels_per_image) > 1
+
+
+def test_check_image_reasons(tmp_path, jpeg):
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    assert check_image(str(tmp_path), "a.jpg") is None
+    assert check_image(str(tmp_path), "nope.jpg")[0] == "missing_file"
+    assert check_image(str(tmp_path), "../x.jpg")[0] == "path_escape"
+    assert check_image(str(tmp_path), "")[0] == "path_escape"
+
+
+def test_from_folders_converts_an_imagefolder_tree(tmp_path, jpeg):
+    src = tmp_path / "src"
+    for cls, n in (("cat", 10), ("dog", 10), ("bird", 5)):
+        for i in range(n):
+            (src / cls).mkdir(parents=True, exist_ok=True)
+            (src / cls / f"{i}.JPG").write_bytes(jpeg)
+    (src / "dog" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    df = from_folders(str(src), str(out), (0.6, 0.2, 0.2), seed=3)
+    assert json.loads((out / "class_to_idx.json").read_text()) == {"bird": 0, "cat": 1, "dog": 2}
+    assert len(df) == 25 and df.equals(pd.read_csv(out / "labels.csv", dtype=str, keep_default_na=False))
+    assert (df[df["label"] == "1"]["subset"].value_counts().to_dict() == {"train": 6, "validation": 2, "test": 2})
+    assert all((out / p).is_file() for p in df["image_path"])
+    assert validate(str(out)).ok
+    again = from_folders(str(src), str(tmp_path / "out2"), (0.6, 0.2, 0.2), seed=3)
+    assert list(again["subset"]) == list(df["subset"])  # seeded
+    in_place = from_folders(str(src), str(src))
+    assert in_place["image_path"].str.startswith(("bird/", "cat/", "dog/")).all()
+    shutil.rmtree(out)

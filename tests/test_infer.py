@@ -1,0 +1,253 @@
+"""Batch inference: the DESIGN §5 output contract, parity with Predictor, and refuse / overwrite / resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rayimgcls.cli import app
+from rayimgcls.config import ConfigError, InferConfig
+from rayimgcls.infer import (
+    MANIFEST,
+    MERGED,
+    PipelineError,
+    ResultDirError,
+    glob_regex,
+    plan_shards,
+    run_inference,
+)
+from rayimgcls.model import ModelError, Predictor
+
+SHARD_RE = r"predictions-\d{5}\.jsonl"
+
+
+def infer(model_dir: Path, data_root: Path | None, out: Path, **kw) -> object:
+    cfg = InferConfig(model_dir=str(model_dir), data_root=str(data_root or ""), result_dir=str(out), **kw)
+    return run_inference(cfg)
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted(out.glob("predictions-*.jsonl"))
+
+
+def read_lines(out: Path) -> list[dict]:
+    """All shard lines in shard order, checking each file parses line by line."""
+    return [json.loads(line) for f in shard_files(out) for line in f.read_text().splitlines()]
+
+
+def csv_paths(root: Path, name: str) -> list[str]:
+    import csv
+
+    with (root / name).open(newline="") as f:
+        return [r["image_path"] for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def messy_root(tmp_path_factory, shapes_root: Path) -> Path:
+    """Good images plus every way a row can fail, duplicates included: one line each is the contract."""
+    root = tmp_path_factory.mktemp("messy")
+    (root / "images").mkdir()
+    good = sorted((shapes_root / "images").iterdir())[:6]
+    for f in good:
+        shutil.copy(f, root / "images" / f.name)
+    jpeg = (root / "images" / good[0].name).read_bytes()
+    (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "images" / "not_an_image.jpg").write_bytes(b"hello, world")
+    rows = [f"images/{f.name}" for f in good]
+    rows += [rows[0], f"./{rows[1]}", rows[0],  # duplicates, one spelled differently
+             "images/truncated.jpg", "images/not_an_image.jpg", "images/missing.jpg", "../outside.jpg", ""]
+    (root / "predictions.csv").write_text("image_path,metadata\n" + "".join(f'"{r}",note\n' for r in rows))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+def test_plan_shards_fixed_ranges() -> None:
+    rows = np.array([2, 3, 5, 8, 9, 12, 13])
+    shards = plan_shards(rows, 3)
+    assert [(s.start, s.stop, s.first_row, s.last_row) for s in shards] == \
+        [(0, 3, 2, 5), (3, 6, 8, 12), (6, 7, 13, 13)]
+    assert [s.file for s in shards] == [f"predictions-0000{k}.jsonl" for k in range(3)]
+
+
+@pytest.mark.parametrize(("glob", "path", "hit"), [
+    ("*.jpg", "a.jpg", True), ("*.jpg", "x/a.jpg", False), ("**/*.jpg", "a.jpg", True),
+    ("**/*.jpg", "x/y/a.jpg", True), ("x/?.png", "x/a.png", True), ("[ab].jpg", "c.jpg", False),
+    ("[!ab].jpg", "c.jpg", True), ("a+b.jpg", "a+b.jpg", True),
+])
+def test_glob_regex(glob: str, path: str, hit: bool) -> None:
+    assert bool(glob_regex(glob).match(path)) is hit
+
+
+def test_config_refuses_contradictions() -> None:
+    with pytest.raises(ConfigError, match="overwrite and resume"):
+        InferConfig(model_dir="m", data_root="d", result_dir="o", overwrite=True, resume=True)
+    with pytest.raises(ConfigError, match="subset='test'"):
+        InferConfig(model_dir="m", result_dir="o", images="dir", subset="test")
+    with pytest.raises(ConfigError, match="data_root: required"):
+        InferConfig(model_dir="m", result_dir="o")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output format
+
+@pytest.mark.timeout(120)
+def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, model_dir, messy_root,
+                                                                tmp_path) -> None:
+    out = tmp_path / "out"
+    summary = infer(model_dir, messy_root, out, rows_per_shard=4, top_k=3, merge=True)
+    expected = csv_paths(messy_root, "predictions.csv")
+    lines = read_lines(out)
+    assert Counter(x["input"] for x in lines) == Counter(expected)  # the multiset, duplicates included
+    assert [x["row"] for x in lines] == list(range(2, len(expected) + 2))  # CSV lines, header = 1, in order
+    assert [f.name for f in shard_files(out)] == [f"predictions-{k:05d}.jsonl" for k in range(4)]
+    assert not [f for f in out.iterdir() if "tmp" in f.name]
+    errors = {x["input"]: x for x in lines if "error" in x}
+    assert set(errors) == {"images/truncated.jpg", "images/not_an_image.jpg", "images/missing.jpg",
+                           "../outside.jpg", ""}
+    assert all(list(x) == ["input", "row", "error"] and x["error"] for x in errors.values())
+    assert "file not found" in errors["images/missing.jpg"]["error"]
+    assert "outside the data root" in errors["../outside.jpg"]["error"]
+    for x in (x for x in lines if "error" not in x):
+        assert list(x) == ["input", "predictions", "top_k", "row"]
+        assert abs(sum(x["predictions"]) - 1) < 1e-5
+        assert [t["index"] for t in x["top_k"]] == list(np.argsort(x["predictions"])[::-1][:3])
+    assert (summary.rows, summary.lines, summary.errors) == (len(expected), len(expected), 5)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["input"]["csv"] == "predictions.csv"
+    assert [(s["file"], s["first_row"], s["last_row"]) for s in manifest["shards"]][-1] == \
+        ("predictions-00003.jsonl", 14, 15)
+    assert (out / MERGED).read_text().splitlines() == [json.dumps(x) for x in lines]
+
+
+@pytest.mark.timeout(120)
+def test_multilabel_lines(ray_session, multilabel_model_dir, multilabel_root, tmp_path) -> None:
+    infer(multilabel_model_dir, multilabel_root, tmp_path / "out", csv="labels.csv", subset="validation")
+    lines = read_lines(tmp_path / "out")
+    validation = (multilabel_root / "labels.csv").read_text().count(",validation,")
+    assert len(lines) == validation > 0
+    for x in lines:
+        p = np.array(x["predictions"])
+        assert ((p >= 0) & (p <= 1)).all()
+        assert x["labels"] == [str(c) for c in np.flatnonzero(p >= 0.5)]
+
+
+@pytest.mark.timeout(120)
+def test_parity_with_predictor_for_odd_files(ray_session, model_dir, odd_images, tmp_path) -> None:
+    """RGBA, CMYK, EXIF-rotated, 16-bit ... through Ray Data, the actor pool and the written shards give
+    the Python API's probabilities."""
+    infer(model_dir, odd_images, tmp_path / "out", batch_size=3)
+    lines = read_lines(tmp_path / "out")
+    assert not [x for x in lines if "error" in x]
+    predictor = Predictor.from_dir(model_dir, precision="fp32")
+    expected = predictor.predict([odd_images / x["input"] for x in lines])
+    for line, want in zip(lines, expected, strict=True):
+        np.testing.assert_allclose(line["predictions"], want["predictions"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.timeout(120)
+def test_images_folder_and_glob(ray_session, model_dir, odd_images, tmp_path) -> None:
+    folder = odd_images / "images"
+    result = CliRunner().invoke(app, ["infer", "--model-dir", str(model_dir), "--images", str(folder),
+                                      "--result-dir", str(tmp_path / "folder")])
+    assert result.exit_code == 0, result.output
+    assert "7 rows in: 7 predicted -> 7 lines (0 errors)" in result.output
+    lines = read_lines(tmp_path / "folder")
+    assert sorted(x["input"] for x in lines) == sorted(f.name for f in folder.iterdir())
+    assert [x["row"] for x in lines] == list(range(1, 8))
+    infer(model_dir, odd_images, tmp_path / "glob", images="images/*.png")
+    assert sorted(x["input"] for x in read_lines(tmp_path / "glob")) == \
+        sorted(f"images/{f.name}" for f in folder.glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-empty result dirs
+
+@pytest.mark.timeout(120)
+def test_refuse_overwrite_and_resume_checks(ray_session, model_dir, multilabel_model_dir, odd_images,
+                                            tmp_path) -> None:
+    out = tmp_path / "out"
+    infer(model_dir, odd_images, out, rows_per_shard=3)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ResultDirError, match="not empty"):
+        infer(model_dir, odd_images, out)
+    with pytest.raises(ResultDirError, match="rows_per_shard: 3 -> 2"):
+        infer(model_dir, odd_images, out, rows_per_shard=2, resume=True)
+    with pytest.raises(ResultDirError, match="model.multilabel: false -> true"):
+        infer(multilabel_model_dir, odd_images, out, rows_per_shard=3, resume=True)
+    (out / "predictions-00007.jsonl.tmp").write_text("partial")
+    summary = infer(model_dir, odd_images, out, rows_per_shard=4, overwrite=True)
+    assert summary.shards_written == 2
+    assert sorted(f.name for f in out.iterdir()) == [MANIFEST, "notes.txt", "predictions-00000.jsonl",
+                                                     "predictions-00001.jsonl"]
+    nothing_left = infer(model_dir, odd_images, out, rows_per_shard=4, resume=True)
+    assert (nothing_left.computed, nothing_left.shards_kept) == (0, 2)
+
+
+@pytest.mark.timeout(120)
+def test_model_that_fails_to_load_stops_with_a_message(ray_session, model_dir, odd_images, tmp_path) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(PipelineError, match="does not match the version .* --resume"):
+        infer(broken, odd_images, tmp_path / "out")
+    (broken / "model.safetensors").unlink()  # caught before any Ray work starts
+    with pytest.raises(ModelError, match="model.safetensors not found"):
+        infer(broken, odd_images, tmp_path / "out2")
+
+
+def test_cli_refuses_non_empty_dir_without_traceback(model_dir, odd_images, tmp_path) -> None:
+    (tmp_path / "x.txt").write_text("x")
+    result = CliRunner().invoke(app, ["infer", "--model-dir", str(model_dir), "--data-root", str(odd_images),
+                                      "--result-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--resume" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.timeout(240)
+def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shapes_root, tmp_path) -> None:
+    """Kill `rayimgcls infer` (the process we started) once its first shard lands; --resume keeps the
+    complete shards byte for byte and computes only the rest."""
+    root, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(shapes_root / "images", root / "images")
+    images = sorted(f"images/{f.name}" for f in (root / "images").iterdir())
+    paths = [images[i % len(images)] for i in range(1500)]
+    (root / "big.csv").write_text("image_path\n" + "\n".join(paths) + "\n")
+    args = ["--model-dir", str(model_dir), "--data-root", str(root), "--csv", "big.csv",
+            "--result-dir", str(out), "--rows-per-shard", "50", "--batch-size", "16"]
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "rayimgcls", "infer", *args, "--address", address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not shard_files(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    kept = {f.name: (f.stat().st_ino, f.read_bytes()) for f in shard_files(out)}
+    assert 0 < len(kept) < 30
+    summary = infer(model_dir, root, out, csv="big.csv", rows_per_shard=50, batch_size=16, resume=True)
+    assert summary.shards_kept == len(kept) and summary.shards_written == 30 - len(kept)
+    assert summary.computed == 1500 - 50 * len(kept)
+    assert all((out / name).stat().st_ino == ino and (out / name).read_bytes() == data
+               for name, (ino, data) in kept.items())
+    lines = read_lines(out)
+    assert Counter(x["input"] for x in lines) == Counter(paths)
+    assert [x["row"] for x in lines] == list(range(2, 1502))
+    assert not [f for f in out.iterdir() if "tmp" in f.name]
+    assert json.loads((out / MANIFEST).read_text())["complete"]
