@@ -1,16 +1,17 @@
 """Serving speed: rayimgcls on Ray Serve with batching on and off, against a plain FastAPI/uvicorn server.
 
-Three servers answer the same POST /v1/classify (a JPEG as the raw body), one after the other on loopback:
+Three servers answer the same POST /v1/classify (a JPEG as the raw body) on loopback:
 
-- `serve-batched`: `rayimgcls.serve` (ingress decodes, model replica batches with @serve.batch), one model
-  replica with `--torch-threads` threads;
+- `serve-batched`: `rayimgcls.serve` (the ingress decodes, the model replica batches with @serve.batch): one
+  model replica with `--torch-threads` threads running up to `--max-concurrent-batches` batches at once;
 - `serve-unbatched`: the same with max_batch_size=1;
 - `plain`: what a user writes in an afternoon: one uvicorn process whose handler calls the same
-  `images.preprocess` and `Predictor.predict_batch` (one image per call, in FastAPI's thread pool) with the
-  same torch threads.
+  `images.preprocess` and `Predictor.predict_batch` (one image per call, in a thread, so calls overlap as
+  the replica's concurrent batches do) with the same torch threads.
 
-Each is warmed up (not measured), then loaded by an aiohttp client at each concurrency for `--requests`
-requests (or `--max-seconds`), `--runs` times; the median run is reported: throughput and p50/p90/p99
+All three are up at once and warmed up (not measured); then an aiohttp client sends `--requests` requests
+(or stops after `--max-seconds`) at each concurrency, to each server in turn, `--runs` rounds, so load from
+elsewhere on the machine touches all three alike; the median run is reported: throughput and p50/p90/p99
 latency. Last, autoscaling: a deployment with max_replicas=2 and short delays under sustained load, then
 idle, with its replica count over time. The model is a named timm ViT with untrained weights at 224 px, the
 images photo-size JPEGs from `rayimgcls.synth`.
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the model, in every server")
     p.add_argument("--max-batch-size", type=int, default=16, help="batching on: @serve.batch max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--max-concurrent-batches", type=int, default=2,
+                   help="batches a replica runs at once (the plain peer too runs model calls in parallel)")
     p.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
                    help="also show a second replica starting under load and going after it")
     p.add_argument("--autoscale-load-s", type=float, default=40.0, help="seconds of sustained load")
@@ -164,7 +167,8 @@ def report(results: Results) -> None:
 def serve_settings(model_dir: Path, args: argparse.Namespace, **overrides: object) -> dict:
     return {"model_dir": str(model_dir), "precision": "fp32", "torch_threads": args.torch_threads,
             "num_cpus": 0.5, "ingress_num_cpus": 0.25, "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s, **overrides}
+            "batch_wait_timeout_s": args.batch_wait_timeout_s,
+            "max_concurrent_batches": args.max_concurrent_batches, **overrides}
 
 
 @contextmanager

@@ -296,6 +296,28 @@ def evaluate(
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Demo
+
+@app.command()
+def demo(
+    out_dir: str = typer.Option("rayimgcls-demo", help="Folder for the dataset, run, model and predictions."),
+    num_images: int = typer.Option(1200, min=60, help="Images to generate."),
+    num_epochs: int = typer.Option(12, min=1, help="Training epochs."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster; default a local Ray."),  # noqa: UP045
+) -> None:
+    """Make a small dataset, train a small ViT on the local Ray (CPU), run batch inference and evaluation,
+    and print the accuracy, where everything is and how to serve the model. A few minutes on a laptop."""
+    with user_errors():
+        from rayimgcls.demo import run_demo
+        from rayimgcls.train import TrainingError
+
+        try:
+            run_demo(out_dir, num_images, num_epochs, address)
+        except TrainingError as e:
+            fail(str(e), 1)
+
+
 def main() -> None:
     _setup_logging()
     app()

@@ -53,7 +53,7 @@ class TrainConfig:
     model: str = opt("vit_base_patch16_224", "Any timm model name.")
     model_kwargs: dict = opt({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"patch_size": 4, "depth": 3}\'.')
     image_size: int = opt(224, "Square input size in pixels.")
-    pretrained: str | None = opt(None, "Local weights file (.safetensors, or a state dict .pth/.bin) or a timm hub name.")
+    pretrained: str | None = opt(None, "Local weights (.safetensors, or a .pth/.bin state dict) or a timm hub name.")
     precision: str = opt("auto", "auto (bf16 where the hardware runs it faster), fp32 or bf16.")
     # --- augmentation ---
     random_resized_crop: bool = opt(True, "Random resized crop (else a centre crop).")

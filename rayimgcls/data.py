@@ -65,7 +65,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     size = spec.preprocess.input_size
     images = np.zeros((len(batch["row"]), 3, size, size), dtype=np.uint8)
     errors = [""] * len(images)
-    for i, (row, rel) in enumerate(zip(batch["row"], batch["image_path"])):
+    for i, (row, rel) in enumerate(zip(batch["row"], batch["image_path"], strict=True)):
         try:
             images[i] = load_image(spec.data_root, str(rel), spec.preprocess, spec.augment)
         except (ImageError, storage.PathEscapeError, OSError) as e:

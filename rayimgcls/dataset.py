@@ -117,9 +117,11 @@ def read_class_names(data_root: str) -> dict[str, int] | None:
     try:
         mapping = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
-        raise DatasetError([Problem(CLASS_TO_IDX_JSON, e.lineno, f"not valid JSON: {e.msg}", "bad_class_to_idx")])
+        problem = Problem(CLASS_TO_IDX_JSON, e.lineno, f"not valid JSON: {e.msg}", "bad_class_to_idx")
+        raise DatasetError([problem]) from None
     if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
-        raise DatasetError([Problem(CLASS_TO_IDX_JSON, None, 'expected {"class name": index, ...}', "bad_class_to_idx")])
+        expected = 'expected {"class name": index, ...}'
+        raise DatasetError([Problem(CLASS_TO_IDX_JSON, None, expected, "bad_class_to_idx")])
     if sorted(mapping.values()) != list(range(len(mapping))):
         raise DatasetError([Problem(CLASS_TO_IDX_JSON, None, f"indices must be 0..{len(mapping) - 1}, each once",
                                     "bad_class_to_idx")])
@@ -161,7 +163,7 @@ def check_rows(df: pd.DataFrame, name: str, num_classes: int | None, multilabel:
     """Check labels, subsets and duplicates of a parsed CSV; return the parsed labels and the problems."""
     problems: list[Problem] = []
     labels: list[list[int]] = []
-    for row, path, label, subset in zip(df["row"], df["image_path"], df["label"], df["subset"]):
+    for row, path, label, subset in zip(df["row"], df["image_path"], df["label"], df["subset"], strict=True):
         if not path:
             problems.append(Problem(name, row, "empty image_path", "empty_path"))
         parsed: list[int] = []
@@ -186,7 +188,7 @@ def check_rows(df: pd.DataFrame, name: str, num_classes: int | None, multilabel:
         labels.append(parsed)
     if flag_duplicates:
         first_seen: dict[str, int] = {}
-        for row, path in zip(df["row"], df["image_path"]):
+        for row, path in zip(df["row"], df["image_path"], strict=True):
             key = normalize_rel(path)
             if key in first_seen:
                 problems.append(Problem(name, row, f"duplicate of line {first_seen[key]}", "duplicate_row", path))
@@ -225,7 +227,7 @@ def check_images(data_root: str, df: pd.DataFrame, name: str, max_pixels: int = 
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(lambda p: check_image(data_root, p, max_pixels), paths))
     return [Problem(name, int(row), msg, code, path)
-            for row, path, res in zip(df["row"], paths, results) if res is not None for code, msg in [res]]
+            for row, path, res in zip(df["row"], paths, results, strict=True) if res is not None for code, msg in [res]]
 
 
 @dataclass
@@ -304,7 +306,8 @@ def validate(data_root: str, num_intended_classes: int | None = None, multilabel
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def from_folders(src: str, out: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
+def from_folders(src: str, out: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 seed: int = 0) -> pd.DataFrame:
     """Turn a class-per-folder tree (torchvision's ImageFolder layout) into labels.csv + class_to_idx.json.
 
     Classes are the sorted sub-folder names (ImageFolder's order). With `out` == `src` the CSV is written into

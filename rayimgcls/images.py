@@ -16,11 +16,10 @@ import random
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +87,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(str(e), "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode {fmt}: the file starts like one but its header is corrupt") from None
     except (OSError, SyntaxError, EOFError, ValueError) as e:
         code = "truncated" if "truncat" in str(e).lower() or isinstance(e, EOFError) else "undecodable"
         raise ImageError(f"cannot decode {fmt}: {e}", code) from None
@@ -226,7 +227,7 @@ class TrainTransform:
             from timm.data.auto_augment import rand_augment_transform
 
             mean = tuple(round(255 * m) for m in pre.mean)
-            self.randaugment = rand_augment_transform(aug.randaugment, {"img_mean": mean, "translate_const": 
+            self.randaugment = rand_augment_transform(aug.randaugment, {"img_mean": mean, "translate_const":
                                                                         int(self.size * 0.45)})
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:

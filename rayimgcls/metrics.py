@@ -89,7 +89,8 @@ def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds: np.nd
     prf = per_class_prf(tp, fp, fn)
     micro = per_class_prf(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))
     sample_tp = (preds & targets).sum(axis=1)
-    sample_f1 = _safe_div(2 * sample_tp.astype(np.float64), (preds.sum(axis=1) + targets.sum(axis=1)).astype(np.float64))
+    sample_size = (preds.sum(axis=1) + targets.sum(axis=1)).astype(np.float64)
+    sample_f1 = _safe_div(2 * sample_tp.astype(np.float64), sample_size)
     present = ~np.isnan(ap)
     return {
         "map": float(ap[present].mean()) if present.any() else float("nan"),

@@ -98,8 +98,8 @@ class ModelCard:
 
     def to_json(self) -> str:
         d = asdict(self)
-        out = {"schema_version": SCHEMA_VERSION, "model": {"name": d.pop("model_name"), "kwargs": d.pop("model_kwargs")}}
-        out.update(d)
+        model = {"name": d.pop("model_name"), "kwargs": d.pop("model_kwargs")}
+        out = {"schema_version": SCHEMA_VERSION, "model": model, **d}
         return json.dumps(out, indent=2) + "\n"
 
     @classmethod
@@ -159,7 +159,8 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     return card
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+def load_model_dir(model_dir: str | os.PathLike,
+                   device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild the model from config.json and load model.safetensors (checked against the card's sha256)."""
     from safetensors.torch import load
 
@@ -247,7 +248,8 @@ class Predictor:
         self.precision = resolve_precision(precision, device, model, card.preprocess.input_size)
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, device: str | None = None, precision: str | None = None) -> Predictor:
+    def from_dir(cls, model_dir: str | os.PathLike, device: str | None = None,
+                 precision: str | None = None) -> Predictor:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, card = load_model_dir(model_dir, dev)
         return cls(model, card, dev, precision or card.precision)
@@ -288,7 +290,7 @@ def format_prediction(probs: np.ndarray, card: ModelCard, top_k: int = 5) -> dic
         "top_k": [{"index": int(i), "label": card.class_names[i], "score": float(probs[i])} for i in order],
     }
     if card.multilabel:
-        out["labels"] = [name for name, p, t in zip(card.class_names, probs, card.thresholds) if p >= t]
+        out["labels"] = [name for name, p, t in zip(card.class_names, probs, card.thresholds, strict=True) if p >= t]
     return out
 
 

@@ -417,6 +417,7 @@ def build(cfg: ServeConfig) -> serve.Application:
     model = ModelServer.options(
         autoscaling_config=autoscaling_config(cfg), max_ongoing_requests=cfg.ongoing_requests_limit,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
+        logging_config={"enable_access_log": False},  # a line per image is noise: the ingress logs requests
     ).bind(cfg.model_dir, use_gpu=cfg.use_gpu, precision=cfg.precision,
            torch_threads=cfg.torch_threads or max(1, math.floor(cfg.num_cpus)),
            max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,

@@ -187,7 +187,7 @@ def render_image(rng: np.random.Generator, labels: Sequence[int], size: tuple[in
     grid = 1 if n == 1 else 2
     cells = rng.permutation(grid * grid)[:n]
     cell = side / grid
-    for label, c in zip(labels, cells):
+    for label, c in zip(labels, cells, strict=True):
         radius = rng.uniform(0.34, 0.44) * cell
         margin = min(radius * 1.15 + 0.05 * cell, cell / 2)  # no unit-area shape reaches past 1.15
         cx = x0 + (c % grid) * cell + rng.uniform(margin, cell - margin)
@@ -256,7 +256,7 @@ def make_dataset(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
             labels.append([i % cfg.num_classes])  # balanced classes
     subsets = _assign_subsets(labels, cfg.split, rng)
     rows = []
-    for i, (ls, subset) in enumerate(zip(labels, subsets)):
+    for i, (ls, subset) in enumerate(zip(labels, subsets, strict=True)):
         size = (int(rng.integers(cfg.min_size, cfg.max_size + 1)), int(rng.integers(cfg.min_size, cfg.max_size + 1)))
         data, ext, note = _encode(render_image(rng, ls, size, cfg.max_rotation), rng, cfg)
         rel = f"images/{i:06d}.{ext}"

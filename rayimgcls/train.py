@@ -199,7 +199,8 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre:
     state = pretrained_state(cfg)
     ctx = LoopContext(cfg=dataclasses.asdict(cfg), num_classes=data.classes.num_classes,
                       class_names=data.classes.names, preprocess=pre.to_dict(), model_kwargs=model_kwargs,
-                      steps_per_epoch=steps_per_epoch(cfg, len(data.train)), run_dir=run_dir(cfg), has_validation=bool(len(data.validation)),
+                      steps_per_epoch=steps_per_epoch(cfg, len(data.train)),
+                      run_dir=run_dir(cfg), has_validation=bool(len(data.validation)),
                       pretrained_state=ray.put(state) if state is not None else None)
     metric = cfg.metric if len(data.validation) else None
     return TorchTrainer(
@@ -231,13 +232,24 @@ def steps_per_epoch(cfg: TrainConfig, train_rows: int) -> int:
 
 def failure_message(error: BaseException) -> str:
     """The line a user needs out of a worker's traceback (a bad row names its CSV line)."""
-    text = str(error)
+    text = "\n".join(str(e) for e in _error_chain(error))
     found = re.findall(r"BadRowError: (.+)", text)
     if found:
         return found[-1]
     lines = [x for x in text.splitlines() if x.strip()]
     errors = [x for x in lines if re.match(r"^\w+(Error|Exception)\b", x.strip())]
     return (errors[-1] if errors else lines[-1] if lines else repr(error)).strip()
+
+
+def _error_chain(error: BaseException | None) -> list[BaseException]:
+    """The error, its causes, and the per-worker errors Ray Train collects (its own message truncates them)."""
+    out: list[BaseException] = []
+    while error is not None and error not in out:
+        out.append(error)
+        for failure in (getattr(error, "worker_failures", None) or {}).values():
+            out += _error_chain(failure)
+        error = error.__cause__
+    return out
 
 
 def best_checkpoint(result, cfg: TrainConfig, has_validation: bool):

@@ -155,7 +155,7 @@ def load_transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
             logger.info("checkpoint_filter_fn of %s did not apply (%s)", type(model).__name__, e)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(usable, strict=False)
+    model.load_state_dict(usable, strict=True)
     return sorted(set(own) - set(usable))
 
 
@@ -195,7 +195,8 @@ def train_loop(config: dict) -> None:
     seed_everything(cfg.seed)  # identical initial weights on every worker
     model, _ = create_model(cfg.model, ctx.num_classes, model_kwargs=ctx.model_kwargs)
     if ctx.pretrained_state is not None:
-        state = ray.get(ctx.pretrained_state) if isinstance(ctx.pretrained_state, ray.ObjectRef) else ctx.pretrained_state
+        state = ctx.pretrained_state
+        state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
         fresh = load_transfer_weights(model, state)
         if rank == 0 and fresh:
             say(f"fine-tuning from {cfg.pretrained}: freshly initialised {', '.join(fresh)}")

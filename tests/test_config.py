@@ -23,7 +23,8 @@ def test_flags_win_over_yaml_which_wins_over_defaults(tmp_path):
     assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)  # YAML reads 1e-3 as a string
     assert cfg.num_epochs == 9 and cfg.batch_size == 64 and cfg.multilabel is True
     assert cfg.model_kwargs == {"depth": 2}
-    assert load_config(TrainConfig, None, {"data_root": "d", "model_kwargs": '{"depth": 3}'}).model_kwargs == {"depth": 3}
+    flags = {"data_root": "d", "model_kwargs": '{"depth": 3}'}
+    assert load_config(TrainConfig, None, flags).model_kwargs == {"depth": 3}
 
 
 def test_unknown_yaml_keys_and_bad_types_are_named(tmp_path):

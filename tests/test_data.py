@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import IMAGE_SIZE, NUM_CLASSES
+
 from rayimgcls.data import DecodeSpec, check_images_on_ray, encode_labels, image_dataset, load_image
 from rayimgcls.dataset import check_image, check_rows, read_csv
 from rayimgcls.images import Augment, PreprocessConfig
@@ -75,7 +75,7 @@ def test_bad_rows_kept_with_their_reason_and_nothing_dropped(ray_session, tmp_pa
     df, root = broken_root(tmp_path, shapes_root)
     out = image_dataset(df, DecodeSpec(root, "labels.csv", PRE, on_error="keep")).to_pandas().sort_values("row")
     assert list(out["row"]) == list(df["row"])  # every row, the duplicate included
-    errors = dict(zip(out["image_path"], out["error"], strict=False))
+    errors = dict(zip(out["image_path"], out["error"], strict=True))
     assert errors["images/bad.jpg"].startswith("cannot decode JPEG")
     assert errors["images/missing.png"] == "file not found"
     assert "escapes" in errors["../escape.jpg"] or "outside the data root" in errors["../escape.jpg"]

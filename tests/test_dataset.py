@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import encode
+
 from rayimgcls.dataset import DatasetError, check_image, from_folders, read_csv, resolve_classes, validate
 
 

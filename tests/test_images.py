@@ -8,10 +8,10 @@ import random
 
 import numpy as np
 import pytest
+from conftest import encode, odd_image_bytes
 from PIL import Image
 from timm.data.transforms_factory import transforms_imagenet_eval
 
-from conftest import encode, odd_image_bytes
 from rayimgcls.images import (
     ALPHA_BACKGROUND,
     Augment,
@@ -32,8 +32,11 @@ RGB = Image.fromarray(RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8))
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "F", "1", "YCbCr", "RGB"])
 def test_every_mode_becomes_rgb_uint8(mode):
-    img = RGB.convert("P").convert("PA") if mode == "PA" else RGB.convert(mode) if mode not in ("I;16", "I", "F") \
-        else Image.fromarray(np.asarray(RGB.convert("L"), dtype={"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    wide = {"I;16": np.uint16, "I": np.int32, "F": np.float32}
+    if mode in wide:
+        img = Image.fromarray(np.asarray(RGB.convert("L"), dtype=wide[mode]))
+    else:
+        img = RGB.convert("P").convert("PA") if mode == "PA" else RGB.convert(mode)
     out = np.asarray(to_rgb(img))
     assert out.shape == (30, 40, 3) and out.dtype == np.uint8
 

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_VIT, odd_image_bytes
 from PIL import Image
 
-from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_VIT, odd_image_bytes
 from rayimgcls.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -112,7 +112,7 @@ def test_multilabel_predictor_gives_labels_above_thresholds(multilabel_model_dir
     predictor = Predictor.from_dir(multilabel_model_dir, precision="fp32")
     out = predictor.predict([odd_image_bytes()["rgb.jpg"]])[0]
     assert all(0 <= p <= 1 for p in out["predictions"])
-    assert out["labels"] == [n for n, p in zip(predictor.card.class_names, out["predictions"]) if p >= 0.5]
+    assert out["labels"] == [n for n, p in zip(predictor.card.class_names, out["predictions"], strict=True) if p >= 0.5]
 
 
 def test_auto_precision_is_fp32_or_a_measured_win(model_dir):

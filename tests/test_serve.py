@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, model_dir, multilabel_model_dir) -> str:
+def url(ray_session, model_dir, multilabel_model_dir) -> Iterator[str]:
     """Base URL of the module's Serve instance (both applications deployed and running)."""
     from ray import serve
 
@@ -415,6 +416,10 @@ def test_cli_refuses_bad_settings_before_starting_anything(model_dir, tmp_path):
     assert r.exit_code == 2 and "not a model directory" in r.output
     r = runner.invoke(app, ["serve", "--model-dir", str(model_dir), "--max-batch-size", "0", "--port", "0"])
     assert r.exit_code == 2 and "max_batch_size=0" in r.output and "port=0" in r.output, r.output
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model_dir: {model_dir}\nmax_replica: 3\n")
+    r = runner.invoke(app, ["serve", "--config", str(config)])
+    assert r.exit_code == 2 and "did you mean 'max_replicas'" in r.output, r.output
 
 
 def test_port_in_use_is_refused_with_the_address(model_dir):
@@ -432,11 +437,13 @@ def test_port_in_use_is_refused_with_the_address(model_dir):
 # `rayimgcls serve` as a user runs it: its own Ray, a free port, Ctrl-C
 
 def _wait_ready(proc: subprocess.Popen, base: str, headers: dict, log: Path, timeout: float) -> None:
+    """Until the endpoint is ready and the command has said where it serves."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"rayimgcls serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
         try:
-            if requests.get(f"{base}/v2/health/ready", headers=headers, timeout=10).status_code == 200:
+            ready = requests.get(f"{base}/v2/health/ready", headers=headers, timeout=10).status_code == 200
+            if ready and f"at {base}/v1/classify" in log.read_text():
                 return
         except requests.RequestException:  # not listening yet, or the proxy holds the request while starting
             pass
@@ -478,8 +485,9 @@ def test_cli_serve_end_to_end(model_dir, tmp_path):
             proc.wait()
             raise
     output = log.read_text()
-    assert returncode == 0, output[-3000:]
-    assert "serving" in output and "stopping" in output and "Traceback" not in output, output[-3000:]
+    assert returncode == 0, f"exit code {returncode}:\n{output[-3000:]}"
+    assert "serving" in output and "stopping" in output, output[-3000:]
+    assert "Traceback" not in output, output[output.index("Traceback") - 500:][:3000]
     with socket.socket() as s:  # the HTTP port is free again: Serve's proxy went with it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

@@ -1,0 +1,263 @@
+"""train.py on real Ray Train workers: accuracy, export, exact resume after a killed run, a killed worker
+recovered within the run, bad rows, fine-tuning from local weights, and every refusal before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT
+
+from rayimgcls.config import ConfigError, TrainConfig
+from rayimgcls.dataset import DatasetError
+from rayimgcls.demo import DEMO_RECIPE, demo_train_config
+from rayimgcls.model import ModelError, create_model, load_model_dir, read_card
+from rayimgcls.runtime import ResourceError
+from rayimgcls.synth import SynthConfig, make_dataset
+from rayimgcls.train import TrainingError, check_cluster, prepare_data, resolve_model, run, steps_per_epoch
+from rayimgcls.train_worker import build_optimizer, load_checkpoint_weights, load_train_state, load_transfer_weights
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(root: Path, runs: Path, name: str, **overrides) -> TrainConfig:
+    """A seconds-per-epoch configuration for the plumbing tests (accuracy is not their point)."""
+    return TrainConfig(**{**DEMO_RECIPE, "model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT,
+                          "batch_size": 16, "num_epochs": 3, "logging_steps": 1, "torch_threads": 1,
+                          "data_root": str(root), "storage_path": str(runs), "run_name": name, **overrides})
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("small"), SynthConfig(num_images=96, seed=4))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """One real training run with the demo's recipe, shared by the tests that inspect its outputs."""
+    root = make_dataset(tmp_path_factory.mktemp("data"), SynthConfig(num_images=1200, seed=5))
+    cfg = demo_train_config(str(root), str(tmp_path_factory.mktemp("runs")), "accuracy")
+    return cfg, run(cfg)
+
+
+def steps_per_epoch_of(cfg: TrainConfig) -> int:
+    return steps_per_epoch(cfg, len(prepare_data(cfg).train))
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.storage_path) / cfg.run_name
+
+
+def metrics_lines(cfg: TrainConfig) -> list[dict]:
+    return [json.loads(x) for x in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(600)
+def test_multiclass_reaches_90_percent_and_writes_the_run_directory(trained):
+    cfg, summary = trained
+    assert summary["best"]["top1"] >= 0.9, summary
+    files = {p.name for p in run_dir(cfg).iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "curves.png", "summary.json", "workers.json", "model"} <= files
+    assert (run_dir(cfg) / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = metrics_lines(cfg)
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(1, cfg.num_epochs + 1))
+    assert {"train_loss", "val_loss", "top1", "macro_precision", "macro_recall", "macro_f1"} <= set(epochs[-1])
+    assert "top5" not in epochs[-1]  # 4 classes: top-5 would be a meaningless 100%
+    steps = [x for x in lines if x["type"] == "step"]
+    assert steps and {"loss", "lr", "images_per_s", "data_wait"} <= set(steps[0])
+    kept = [p for p in files if p.startswith("checkpoint_epoch_")]
+    assert len(kept) == cfg.num_to_keep
+
+
+def test_export_reloads_with_identical_logits(trained):
+    cfg, summary = trained
+    model, card = load_model_dir(summary["model_dir"])
+    best = run_dir(cfg) / f"checkpoint_epoch_{summary['best_epoch']:04d}"
+    reference, _ = create_model(cfg.model, card.num_classes, model_kwargs=card.model_kwargs)
+    reference.load_state_dict(load_checkpoint_weights(str(best)))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference.eval()(x), rtol=0, atol=0)
+    assert card.class_names == ["circle", "square", "triangle", "cross"]
+    assert card.preprocess.input_size == 32 and card.training["exported_epoch"] == summary["best_epoch"]
+
+
+def test_a_finished_run_says_so_and_exports_again(trained, capsys):
+    cfg, summary = trained
+    version = read_card(summary["model_dir"]).version
+    again = run(TrainConfig(**{**cfg.__dict__}))
+    assert "is complete" in capsys.readouterr().out
+    assert read_card(again["model_dir"]).version == version
+
+
+def test_a_changed_setting_is_refused_with_the_difference(trained):
+    cfg, _ = trained
+    with pytest.raises(ConfigError, match=r"learning_rate: 0\.001 -> 0\.002"):
+        run(TrainConfig(**{**cfg.__dict__, "learning_rate": 0.002}))
+
+
+@pytest.mark.timeout(600)
+def test_multilabel_reaches_90_map(ray_session, tmp_path):
+    root = make_dataset(tmp_path / "data", SynthConfig(num_images=1200, multilabel=True, seed=6))
+    summary = run(demo_train_config(str(root), str(tmp_path / "runs"), "ml", multilabel=True))
+    assert summary["metric"] == "map" and summary["best"]["map"] >= 0.9, summary
+    assert read_card(summary["model_dir"]).thresholds == [0.5] * 4
+
+
+def wait_for_checkpoint(cfg: TrainConfig, epoch: int, timeout: float = 240) -> None:
+    snapshot = run_dir(cfg) / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if snapshot.exists() and f"checkpoint_epoch_{epoch:04d}" in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
+    cfg = tiny_config(small_root, tmp_path, "resume", num_epochs=4)
+    address = ray_session.get_runtime_context().gcs_address
+    args = [sys.executable, "-m", "rayimgcls.train", "--address", address, "--data-root", cfg.data_root,
+            "--storage-path", cfg.storage_path, "--run-name", cfg.run_name, "--model", cfg.model,
+            "--model-kwargs", json.dumps(cfg.model_kwargs), "--image-size", "32", "--batch-size", "16",
+            "--num-epochs", "4", "--logging-steps", "1", "--learning-rate", str(cfg.learning_rate),
+            "--weight-decay", str(cfg.weight_decay), "--no-random-resized-crop", "--vflip", "0.5",
+            "--color-jitter", "0", "--precision", "fp32", "--torch-threads", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(cfg, 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a crash, not a clean stop
+        proc.wait(timeout=60)
+    summary = run(cfg)
+
+    steps_per_epoch = steps_per_epoch_of(cfg)
+    total = cfg.num_epochs * steps_per_epoch
+    lines = metrics_lines(cfg)
+    resumed = [x for x in lines if x["type"] == "resume"]
+    assert resumed and resumed[-1]["epoch"] >= 2 and resumed[-1]["step"] == resumed[-1]["epoch"] * steps_per_epoch
+    steps = [x for x in lines if x["type"] == "step"]
+    assert [x["step"] for x in steps] == list(range(1, total + 1))  # cut back to the checkpoint, no gap
+    optimizer, schedule = build_optimizer(torch.nn.Linear(1, 1), cfg, total)
+    expected = []
+    for _ in range(total):
+        optimizer.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    np.testing.assert_allclose([x["lr"] for x in steps], expected, rtol=1e-12)
+    state = load_train_state(str(run_dir(cfg) / f"checkpoint_epoch_{cfg.num_epochs:04d}"))
+    assert state["global_step"] == total == summary["steps"]
+    assert state["scheduler"]["last_epoch"] == total
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {total}
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, small_root, tmp_path):
+    cfg = tiny_config(small_root, tmp_path, "faults", num_workers=2, cpus_per_worker=0.5, max_failures=1,
+                      num_epochs=4)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(cfg)))
+    thread.start()
+    wait_for_checkpoint(cfg, 1)
+    marker = run_dir(cfg) / "killed-once"
+    workers = json.loads((run_dir(cfg) / "workers.json").read_text())
+    if not marker.exists():
+        marker.write_text(str(workers[1]["pid"]))
+        os.kill(workers[1]["pid"], signal.SIGKILL)
+    thread.join(timeout=500)
+    assert not thread.is_alive()
+    steps_per_epoch = steps_per_epoch_of(cfg)
+    assert result["steps"] == cfg.num_epochs * steps_per_epoch
+    assert any(x["type"] == "resume" for x in metrics_lines(cfg))
+    after = json.loads((run_dir(cfg) / "workers.json").read_text())
+    assert {w["pid"] for w in after}.isdisjoint({w["pid"] for w in workers})
+    assert [w["rank"] for w in after] == [0, 1] and all(w["node_id"] for w in after)
+
+
+def broken_copy(src: Path, dst: Path, extra_rows: list[str]) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    with (dst / "labels.csv").open("a") as f:
+        f.writelines(row + "\n" for row in extra_rows)
+    return dst
+
+
+@pytest.mark.timeout(600)
+def test_bad_rows_fail_fast_or_are_skipped_and_recorded(ray_session, small_root, tmp_path):
+    root = broken_copy(small_root, tmp_path / "data", ["images/broken.jpg,1,train,", "images/gone.png,2,train,"])
+    with pytest.raises(TrainingError, match=r"labels\.csv:(98|99): images/(broken\.jpg|gone\.png)"):
+        run(tiny_config(root, tmp_path / "runs", "strict", num_epochs=1))
+    summary = run(tiny_config(root, tmp_path / "runs", "skip", num_epochs=1, skip_bad_rows=True))
+    skipped = (tmp_path / "runs" / "skip" / "skipped_rows.csv").read_text().splitlines()
+    assert skipped[0] == "line,image_path,reason" and len(skipped) == 3
+    assert skipped[1].startswith("98,images/broken.jpg,undecodable") and skipped[2].startswith("99,images/gone.png")
+    assert summary["skipped_rows"] == 2 and summary["num_train"] == 64
+
+    bad_label = broken_copy(small_root, tmp_path / "data2", ["images/000001.png,7,train,"])
+    with pytest.raises(DatasetError, match=r"labels\.csv:98: images/000001\.png: label 7 outside \[0, 3\]"):
+        prepare_data(tiny_config(bad_label, tmp_path / "runs", "labels"))
+
+
+def test_transfer_weights_replace_a_head_of_another_size():
+    torch.manual_seed(0)
+    source, _ = create_model("vit_tiny_patch16_224", 10, 32, model_kwargs=TINY_VIT)
+    target, _ = create_model("vit_tiny_patch16_224", 4, 32, model_kwargs=TINY_VIT)
+    fresh = load_transfer_weights(target, source.state_dict())
+    assert fresh == ["head.bias", "head.weight"]
+    torch.testing.assert_close(target.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    same, _ = create_model("vit_tiny_patch16_224", 10, 32, model_kwargs=TINY_VIT)
+    assert load_transfer_weights(same, source.state_dict()) == []  # a head of the right size is kept
+
+
+@pytest.mark.timeout(300)
+def test_fine_tuning_starts_from_local_weights(ray_session, small_root, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source, _ = create_model("vit_tiny_patch16_224", 10, 32, model_kwargs=TINY_VIT)
+    save_file(source.state_dict(), tmp_path / "backbone.safetensors")
+    cfg = tiny_config(small_root, tmp_path / "runs", "finetune", num_epochs=1, learning_rate=1e-9,
+                      pretrained=str(tmp_path / "backbone.safetensors"))
+    model, _ = load_model_dir(run(cfg)["model_dir"])
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, atol=1e-6, rtol=0)
+    with pytest.raises(ModelError, match="not found"):
+        run(tiny_config(small_root, tmp_path / "runs", "missing", pretrained=str(tmp_path / "nope.safetensors")))
+
+
+def test_impossible_resources_are_refused_at_once(ray_session, small_root, tmp_path):
+    with pytest.raises(ResourceError, match=r"1 GPU\(s\) requested, the cluster has 0"):
+        check_cluster(tiny_config(small_root, tmp_path, "gpu", use_gpu=True), 1.0)
+    with pytest.raises(ResourceError, match=r"4 CPU\(s\) requested, the cluster has 2"):
+        check_cluster(tiny_config(small_root, tmp_path, "cpu", num_workers=2, batch_size=16), 2.0)
+    with pytest.raises(ResourceError, match="leaves Ray Data none"):
+        check_cluster(tiny_config(small_root, tmp_path, "cpu", num_workers=2, batch_size=16), 1.0)
+
+
+def test_data_and_model_checks_before_ray(small_root, tmp_path):
+    with pytest.raises(ConfigError, match="num_intended_classes=2: the data has labels up to 3"):
+        prepare_data(tiny_config(small_root, tmp_path, "n", num_intended_classes=2))
+    with pytest.raises(ModelError, match="not a timm model"):
+        resolve_model(tiny_config(small_root, tmp_path, "m", model="vit_nope"), 4)
+
+
+def test_cli_entry_points(small_root, tmp_path):
+    help_out = subprocess.run([sys.executable, "-m", "rayimgcls.train", "--help"], capture_output=True, text=True,
+                              timeout=120)
+    assert help_out.returncode == 0 and "--num-epochs" in help_out.stdout and "--learning-rate" in help_out.stdout
+    bad = subprocess.run([sys.executable, "-m", "rayimgcls", "train", "--data-root", str(small_root),
+                          "--num-epochs", "0", "--batch-size", "10", "--num-workers", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "num_epochs=0: allowed >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert "batch_size=10: must divide evenly by num_workers=3" in bad.stderr
