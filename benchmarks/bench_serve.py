@@ -11,12 +11,14 @@ Three servers answer the same POST /v1/classify (a JPEG as the raw body) on loop
 
 All three are up at once and warmed up (not measured); then an aiohttp client sends `--requests` requests
 (or stops after `--max-seconds`) at each concurrency, to each server in turn, `--runs` rounds, so load from
-elsewhere on the machine touches all three alike; the median run is reported: throughput and p50/p90/p99
-latency. Last, autoscaling: a deployment with max_replicas=2 and short delays under sustained load, then
-idle, with its replica count over time. The model is a named timm ViT with untrained weights at 224 px, the
-images photo-size JPEGs from `rayimgcls.synth`.
+elsewhere on the machine touches all three alike. Reported: the median run's throughput and p50/p90/p99
+latency, and the RESULT ratios at the top concurrency as the median over rounds of the ratio within a round
+(a paired comparison: on a shared machine, drift between rounds is larger than the gaps). Last,
+autoscaling: a deployment with max_replicas=2 and short delays under sustained load, then idle, with its
+replica count over time. The model is a named timm ViT with untrained weights at 224 px, the images
+photo-size JPEGs from `rayimgcls.synth`.
 
-    python benchmarks/bench_serve.py                                  # about 6 minutes on 2 cores
+    python benchmarks/bench_serve.py                                  # about 7 minutes on 2 cores
     python benchmarks/bench_serve.py --requests 48 --runs 3 --concurrency 1,8 --no-autoscale   # a quick look
 """
 
@@ -28,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -48,9 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=64, help="distinct JPEGs the client cycles through")
     p.add_argument("--photo-size", default="500x375", help="WxH of the generated JPEGs")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
-    p.add_argument("--requests", type=int, default=128, help="requests per timed run")
+    p.add_argument("--requests", type=int, default=96, help="requests per timed run")
     p.add_argument("--max-seconds", type=float, default=30.0, help="a timed run stops after this long")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per concurrency (the median is reported)")
+    p.add_argument("--runs", type=int, default=5, help="rounds of timed runs (medians are reported)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the model, in every server")
     p.add_argument("--max-batch-size", type=int, default=16, help="batching on: @serve.batch max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
@@ -133,16 +136,15 @@ def load(url: str, bodies: list[bytes], concurrency: int, total: int, max_second
     return asyncio.run(_load(url, bodies, concurrency, total, max_seconds))
 
 
-Results = dict[tuple[str, int], Stats]  # (server, concurrency) -> the median run
+Runs = dict[tuple[str, int], list[Stats]]  # (server, concurrency) -> one Stats per round
 
 
-def measure(servers: dict[str, str], bodies: list[bytes], args: argparse.Namespace) -> Results:
+def measure(servers: dict[str, str], bodies: list[bytes], args: argparse.Namespace) -> Runs:
     """Warm every server up (not reported), then `runs` rounds; in each round every concurrency hits every
-    server in turn, so background load drifting during the benchmark touches all of them alike. Per server
-    and concurrency, the run with the median throughput is kept."""
+    server in turn, so background load drifting during the benchmark touches all of them alike."""
     for url in servers.values():
         load(url, bodies, 8, 32, args.max_seconds)  # connections, lazy inits, allocator
-    runs: dict[tuple[str, int], list[Stats]] = {}
+    runs: Runs = {}
     for r in range(args.runs):
         for c in [int(x) for x in args.concurrency.split(",")]:
             for name, url in servers.items():
@@ -151,14 +153,21 @@ def measure(servers: dict[str, str], bodies: list[bytes], args: argparse.Namespa
                     raise SystemExit(f"{name}: {stats.errors} failed requests at c={c}: no figures")
                 runs.setdefault((name, c), []).append(stats)
                 print(f"  round {r + 1}/{args.runs}  {name:16s} c={c:<3d} {stats.rps:6.1f} img/s", flush=True)
-    return {key: sorted(rs, key=lambda s: s.rps)[len(rs) // 2] for key, rs in runs.items()}
+    return runs
 
 
-def report(results: Results) -> None:
+def report(runs: Runs) -> None:
+    """Per server and concurrency, the run with the median throughput."""
     print("  {:16s} {:5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>6s}".format(
         "server", "", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors"))
-    for (name, c), stats in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        print(f"  {name:16s} c={c:<3d} {stats.row()}")
+    for (name, c), stats in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"  {name:16s} c={c:<3d} {sorted(stats, key=lambda s: s.rps)[len(stats) // 2].row()}")
+
+
+def paired_ratio(runs: Runs, a: str, b: str, c: int) -> tuple[float, list[float]]:
+    """Median over rounds of a's throughput / b's in the same round (both saw the same background load)."""
+    ratios = [x.rps / y.rps for x, y in zip(runs[a, c], runs[b, c], strict=True)]
+    return statistics.median(ratios), ratios
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,7 +309,7 @@ def main() -> None:
     bodies, model_dir = make_inputs(args)
     print(f"model {args.model} at {args.image_size} px, {len(bodies)} JPEGs of {args.photo_size}, "
           f"{args.torch_threads} torch thread(s), {os.cpu_count()} CPUs; {args.requests} requests x "
-          f"{args.runs} interleaved runs per server and concurrency (the median run is reported)", flush=True)
+          f"{args.runs} interleaved rounds", flush=True)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -311,18 +320,17 @@ def main() -> None:
             servers = {"serve-batched": stack.enter_context(batched),
                        "serve-unbatched": stack.enter_context(unbatched),
                        "plain": stack.enter_context(plain_server(model_dir, args))}
-            results = measure(servers, bodies, args)
-        report(results)
+            runs = measure(servers, bodies, args)
+        report(runs)
         scaled = autoscale(model_dir, bodies, port, args) if args.autoscale else None
     finally:
         serve.shutdown()
         ray.shutdown()
     top = max(int(x) for x in args.concurrency.split(","))
-    batched, unbatched, plain = (results[n, top].rps for n in ("serve-batched", "serve-unbatched", "plain"))
-    print(f"RESULT serve_batching ratio={batched / unbatched:.2f} target=1.0 "
-          f"(c={top}: {batched:.1f} vs {unbatched:.1f} img/s)")
-    print(f"RESULT serve_vs_plain ratio={batched / plain:.2f} target=0.7 "
-          f"(c={top}: {batched:.1f} vs {plain:.1f} img/s)")
+    for name, other, target in (("serve_batching", "serve-unbatched", 1.0), ("serve_vs_plain", "plain", 0.7)):
+        ratio, each = paired_ratio(runs, "serve-batched", other, top)
+        print(f"RESULT {name} ratio={ratio:.2f} target={target} "
+              f"(c={top}, serve-batched / {other}, median of rounds {', '.join(f'{r:.2f}' for r in each)})")
     if scaled:
         print(f"RESULT serve_autoscale peak_replicas={scaled[0]} final_replicas={scaled[1]} target=2,1")
 

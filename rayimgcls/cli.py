@@ -88,7 +88,7 @@ def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[...
             flag = "--" + f.name.replace("_", "-")
             decls = (f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,)
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            shown = "" if default in (None, "", {}) else f" [default: {default}]"
+            shown = "" if default in (None, "", {}) else f" \\[default: {default}]"  # "\\[": not rich markup
             option = typer.Option(None, *decls, help=f.metadata.get("help", "") + shown, show_default=False)
             annotation = Optional[str] if tp is dict else Optional[tp]  # noqa: UP045 - a dict is given as JSON
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -303,7 +303,7 @@ def evaluate(
 def demo(
     out_dir: str = typer.Option("rayimgcls-demo", help="Folder for the dataset, run, model and predictions."),
     num_images: int = typer.Option(1200, min=60, help="Images to generate."),
-    num_epochs: int = typer.Option(12, min=1, help="Training epochs."),
+    num_epochs: int = typer.Option(15, min=1, help="Training epochs."),
     address: Optional[str] = typer.Option(None, help="Ray cluster; default a local Ray."),  # noqa: UP045
 ) -> None:
     """Make a small dataset, train a small ViT on the local Ray (CPU), run batch inference and evaluation,

@@ -183,12 +183,16 @@ def render_image(rng: np.random.Generator, labels: Sequence[int], size: tuple[in
     side = min(w, h)
     x0, y0 = (w - side) / 2, (h - side) / 2
     n = len(labels)
-    # Several shapes go into distinct cells of a grid so that none hides another.
+    # Several shapes go into distinct cells of a 2x2 grid so that none hides another; two shapes take a
+    # diagonal pair of cells, where they can be drawn larger without touching.
     grid = 1 if n == 1 else 2
-    cells = rng.permutation(grid * grid)[:n]
+    if n == 2:
+        cells, scale = ((0, 3), (1, 2))[int(rng.integers(2))], (0.44, 0.52)
+    else:
+        cells, scale = rng.permutation(grid * grid)[:n], (0.34, 0.44)
     cell = side / grid
     for label, c in zip(labels, cells, strict=True):
-        radius = rng.uniform(0.34, 0.44) * cell
+        radius = rng.uniform(*scale) * cell
         margin = min(radius * 1.15 + 0.05 * cell, cell / 2)  # no unit-area shape reaches past 1.15
         cx = x0 + (c % grid) * cell + rng.uniform(margin, cell - margin)
         cy = y0 + (c // grid) * cell + rng.uniform(margin, cell - margin)
