@@ -74,8 +74,9 @@ class Files:
 def dataloader(paths: list[str], reduced: bool) -> float:
     import torch.utils.data
 
-    loader = torch.utils.data.DataLoader(Files(paths, reduced), batch_size=64, num_workers=os.cpu_count(),
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        Files(paths, reduced), batch_size=64, num_workers=os.cpu_count(), persistent_workers=False
+    )
     start = time.perf_counter()
     for _ in loader:
         pass
@@ -111,8 +112,7 @@ def image_set(args: argparse.Namespace, size: str) -> tuple[str, list[str]]:
     width, height = (int(x) for x in size.split("x"))
     root = Path(args.workdir) / size
     paths = make_photo_jpegs(root / "images", args.images, (width, height))
-    (root / "labels.csv").write_text("image_path,label,subset\n" + "".join(f"images/{p.name},0,train\n"
-                                                                          for p in paths))
+    (root / "labels.csv").write_text("image_path,label,subset\n" + "".join(f"images/{p.name},0,train\n" for p in paths))
     return str(root), [str(p) for p in paths]
 
 
@@ -143,14 +143,22 @@ def main() -> None:
                 "ray": median_rate(functools.partial(ray_data, root, rows, reduced), args.runs),
             }
             results.append((size, reduced, rates))
-            print(f"{size} {'reduced' if reduced else 'full   '} decode: PIL loop {rates['loop']:.0f} img/s, "
-                  f"DataLoader({os.cpu_count()} workers) {rates['dataloader']:.0f} img/s, Ray Data "
-                  f"{rates['ray']:.0f} img/s", flush=True)
-        print(f"{size}: reduced decoding {'applies' if reduces else 'does not apply (too small)'}; mean pixel "
-              f"difference after the resize {pixel_difference(paths[:50]):.2f} grey levels", flush=True)
+            print(
+                f"{size} {'reduced' if reduced else 'full   '} decode: PIL loop {rates['loop']:.0f} img/s, "
+                f"DataLoader({os.cpu_count()} workers) {rates['dataloader']:.0f} img/s, Ray Data "
+                f"{rates['ray']:.0f} img/s",
+                flush=True,
+            )
+        print(
+            f"{size}: reduced decoding {'applies' if reduces else 'does not apply (too small)'}; mean pixel "
+            f"difference after the resize {pixel_difference(paths[:50]):.2f} grey levels",
+            flush=True,
+        )
     ray.shutdown()
-    print(f"{args.images} JPEGs per set, median of {args.runs}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.images} JPEGs per set, median of {args.runs}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     for size, reduced, r in results:
         if reduced:  # the default path
             tag = size.replace("x", "_")
@@ -159,8 +167,10 @@ def main() -> None:
     for size in args.sizes.split(","):
         full = next(r for s, red, r in results if s == size and not red)
         fast = next(r for s, red, r in results if s == size and red)
-        print(f"RESULT decode_{size.replace('x', '_')}_draft_speedup ratio={fast['loop'] / full['loop']:.2f} "
-              "target=informational")
+        print(
+            f"RESULT decode_{size.replace('x', '_')}_draft_speedup ratio={fast['loop'] / full['loop']:.2f} "
+            "target=informational"
+        )
 
 
 if __name__ == "__main__":

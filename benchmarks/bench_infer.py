@@ -56,8 +56,9 @@ def make_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     (root / "warmup.csv").write_text("image_path\n" + "\n".join(rels[: args.batch_size]) + "\n")
     model_dir = work / f"model-{args.model}-{args.image_size}-{args.num_classes}"
     if not (model_dir / "config.json").exists():
-        make_untrained_model_dir(model_dir, model_name=args.model, num_classes=args.num_classes,
-                                 image_size=args.image_size, precision="fp32")
+        make_untrained_model_dir(
+            model_dir, model_name=args.model, num_classes=args.num_classes, image_size=args.image_size, precision="fp32"
+        )
     return root, model_dir
 
 
@@ -66,17 +67,29 @@ def model_only(predictor, images: np.ndarray, batch_size: int) -> float:
     predictor.predict_batch(images[:batch_size])
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        predictor.predict_batch(images[i:i + batch_size])
+        predictor.predict_batch(images[i : i + batch_size])
     return len(images) / (time.perf_counter() - start)
 
 
-def end_to_end(root: Path, model_dir: Path, out: Path, batch_size: int, csv: str = "predictions.csv",
-               ) -> InferSummary:
+def end_to_end(
+    root: Path,
+    model_dir: Path,
+    out: Path,
+    batch_size: int,
+    csv: str = "predictions.csv",
+) -> InferSummary:
     from rayimgcls.config import InferConfig
     from rayimgcls.infer import run_inference
 
-    cfg = InferConfig(model_dir=str(model_dir), data_root=str(root), result_dir=str(out), csv=csv,
-                      batch_size=batch_size, precision="fp32", overwrite=True)
+    cfg = InferConfig(
+        model_dir=str(model_dir),
+        data_root=str(root),
+        result_dir=str(out),
+        csv=csv,
+        batch_size=batch_size,
+        precision="fp32",
+        overwrite=True,
+    )
     summary = run_inference(cfg)
     assert summary.errors == 0 and summary.lines == summary.rows
     return summary
@@ -97,9 +110,11 @@ def main() -> None:
     torch.set_num_threads(args.cpus)  # what the single CPU actor gets on this node (infer.plan_pool)
     paths = sorted((root / "images").iterdir())[: args.model_images]
     images = np.stack([preprocess(p.read_bytes(), fp32.card.preprocess) for p in paths])
-    print(f"model {args.model} at {args.image_size} px, {args.num_classes} classes; {args.images} JPEGs of "
-          f"{args.photo_size}; batch {args.batch_size}; {args.cpus} CPUs, torch {torch.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f} (other processes skew every figure)")
+    print(
+        f"model {args.model} at {args.image_size} px, {args.num_classes} classes; {args.images} JPEGs of "
+        f"{args.photo_size}; batch {args.batch_size}; {args.cpus} CPUs, torch {torch.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f} (other processes skew every figure)"
+    )
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     end_to_end(root, model_dir, Path(args.workdir) / "out", args.batch_size, csv="warmup.csv")  # warm-up
@@ -109,16 +124,20 @@ def main() -> None:
         alone.append(model_only(fp32, images, args.batch_size))
         runs.append(end_to_end(root, model_dir, Path(args.workdir) / "out", args.batch_size))
         r = runs[-1]
-        print(f"run {run + 1}: model only {alone[-1]:.2f} images/s; end to end {r.steady_images_per_s:.2f} "
-              f"images/s once running, {r.images_per_s:.2f} images/s wall clock incl. "
-              f"{r.startup_seconds:.1f} s of actor start-up")
+        print(
+            f"run {run + 1}: model only {alone[-1]:.2f} images/s; end to end {r.steady_images_per_s:.2f} "
+            f"images/s once running, {r.images_per_s:.2f} images/s wall clock incl. "
+            f"{r.startup_seconds:.1f} s of actor start-up"
+        )
     ray.shutdown()
     e2e_med, alone_med = statistics.median(r.steady_images_per_s for r in runs), statistics.median(alone)
     wall_med = statistics.median(r.images_per_s for r in runs)
     startup_med = statistics.median(r.startup_seconds for r in runs)
-    print(f"median: model only {alone_med:.2f} images/s; end to end (read + decode + model + write) "
-          f"{e2e_med:.2f} images/s once running, {wall_med:.2f} images/s wall clock with {startup_med:.1f} s "
-          f"start-up ({wall_med / alone_med:.3f}x)")
+    print(
+        f"median: model only {alone_med:.2f} images/s; end to end (read + decode + model + write) "
+        f"{e2e_med:.2f} images/s once running, {wall_med:.2f} images/s wall clock with {startup_med:.1f} s "
+        f"start-up ({wall_med / alone_med:.3f}x)"
+    )
 
     bf16 = Predictor(fp32.model, fp32.card, fp32.device, "bf16")
     fast = [model_only(bf16, images, args.batch_size) for _ in range(args.runs)]
@@ -126,12 +145,13 @@ def main() -> None:
     diff = float(np.abs(bf16.predict_batch(images) - fp32.predict_batch(images)).max())
     auto = resolve_precision("auto", torch.device("cpu"), fp32.model, args.image_size)
     fast_med, slow_med = statistics.median(fast), statistics.median(slow)
-    print(f"model only: bf16 {fast_med:.2f} images/s, fp32 {slow_med:.2f} images/s; "
-          f"largest probability difference {diff:.5f}; precision auto picks {auto}")
+    print(
+        f"model only: bf16 {fast_med:.2f} images/s, fp32 {slow_med:.2f} images/s; "
+        f"largest probability difference {diff:.5f}; precision auto picks {auto}"
+    )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"RESULT infer_e2e_vs_model ratio={e2e_med / alone_med:.3f} target=0.8")
-    print(f"RESULT infer_bf16_speedup ratio={fast_med / slow_med:.3f} target=1.2 max_prob_diff={diff:.5f} "
-          f"auto={auto}")
+    print(f"RESULT infer_bf16_speedup ratio={fast_med / slow_med:.3f} target=1.2 max_prob_diff={diff:.5f} auto={auto}")
 
 
 if __name__ == "__main__":

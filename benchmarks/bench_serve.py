@@ -57,10 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the model, in every server")
     p.add_argument("--max-batch-size", type=int, default=16, help="batching on: @serve.batch max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    p.add_argument("--max-concurrent-batches", type=int, default=2,
-                   help="batches a replica runs at once (the plain peer too runs model calls in parallel)")
-    p.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
-                   help="also show a second replica starting under load and going after it")
+    p.add_argument(
+        "--max-concurrent-batches",
+        type=int,
+        default=2,
+        help="batches a replica runs at once (the plain peer too runs model calls in parallel)",
+    )
+    p.add_argument(
+        "--autoscale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also show a second replica starting under load and going after it",
+    )
     p.add_argument("--autoscale-load-s", type=float, default=40.0, help="seconds of sustained load")
     p.add_argument("--autoscale-idle-s", type=float, default=40.0, help="longest wait for the downscale")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
@@ -82,13 +90,15 @@ def make_inputs(args: argparse.Namespace) -> tuple[list[bytes], Path]:
     photos = [p.read_bytes() for p in paths]
     model_dir = work / f"model-{args.model}-{args.image_size}-{args.num_classes}"
     if not (model_dir / "config.json").exists():
-        make_untrained_model_dir(model_dir, model_name=args.model, num_classes=args.num_classes,
-                                 image_size=args.image_size, precision="fp32")
+        make_untrained_model_dir(
+            model_dir, model_name=args.model, num_classes=args.num_classes, image_size=args.image_size, precision="fp32"
+        )
     return photos, model_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Load generator
+
 
 @dataclass
 class Stats:
@@ -158,8 +168,11 @@ def measure(servers: dict[str, str], bodies: list[bytes], args: argparse.Namespa
 
 def report(runs: Runs) -> None:
     """Per server and concurrency, the run with the median throughput."""
-    print("  {:16s} {:5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>6s}".format(
-        "server", "", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors"))
+    print(
+        "  {:16s} {:5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>6s}".format(
+            "server", "", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors"
+        )
+    )
     for (name, c), stats in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"  {name:16s} c={c:<3d} {sorted(stats, key=lambda s: s.rps)[len(stats) // 2].row()}")
 
@@ -173,11 +186,19 @@ def paired_ratio(runs: Runs, a: str, b: str, c: int) -> tuple[float, list[float]
 # ---------------------------------------------------------------------------------------------------------
 # The servers
 
+
 def serve_settings(model_dir: Path, args: argparse.Namespace, **overrides: object) -> dict:
-    return {"model_dir": str(model_dir), "precision": "fp32", "torch_threads": args.torch_threads,
-            "num_cpus": 0.5, "ingress_num_cpus": 0.25, "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s,
-            "max_concurrent_batches": args.max_concurrent_batches, **overrides}
+    return {
+        "model_dir": str(model_dir),
+        "precision": "fp32",
+        "torch_threads": args.torch_threads,
+        "num_cpus": 0.5,
+        "ingress_num_cpus": 0.25,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "max_concurrent_batches": args.max_concurrent_batches,
+        **overrides,
+    }
 
 
 @contextmanager
@@ -199,8 +220,17 @@ def plain_server(model_dir: Path, args: argparse.Namespace) -> Iterator[str]:
     import requests
 
     port = free_port()
-    cmd = [sys.executable, __file__, "--plain-server", "--model-dir", str(model_dir), "--port", str(port),
-           "--torch-threads", str(args.torch_threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--plain-server",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--torch-threads",
+        str(args.torch_threads),
+    ]
     proc = subprocess.Popen(cmd)
     try:
         for _ in range(240):
@@ -230,8 +260,7 @@ def run_plain_server(model_dir: str, port: int, threads: int) -> None:
 
     def infer(body: bytes) -> dict:
         probs = predictor.predict_batch(preprocess(body, card.preprocess)[None])[0]
-        return {"model": card.model_name, "version": card.version,
-                "results": [format_prediction(probs, card)]}
+        return {"model": card.model_name, "version": card.version, "results": [format_prediction(probs, card)]}
 
     @app.get("/v2/health/live")
     def live() -> dict:
@@ -254,6 +283,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Autoscaling
 
+
 def replica_count() -> int:
     from ray import serve
 
@@ -266,8 +296,16 @@ def autoscale(model_dir: Path, bodies: list[bytes], port: int, args: argparse.Na
     returns (peak, final)."""
     import threading
 
-    settings = serve_settings(model_dir, args, min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                              upscale_delay_s=3, downscale_delay_s=8, look_back_period_s=12)
+    settings = serve_settings(
+        model_dir,
+        args,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=2,
+        upscale_delay_s=3,
+        downscale_delay_s=8,
+        look_back_period_s=12,
+    )
     counts: list[tuple[float, int]] = []
     with serve_app("autoscale", settings, port) as url:
         stop = threading.Event()
@@ -297,6 +335,7 @@ def autoscale(model_dir: Path, bodies: list[bytes], port: int, args: argparse.Na
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     args = parse_args()
     if args.plain_server:
@@ -307,9 +346,12 @@ def main() -> None:
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     bodies, model_dir = make_inputs(args)
-    print(f"model {args.model} at {args.image_size} px, {len(bodies)} JPEGs of {args.photo_size}, "
-          f"{args.torch_threads} torch thread(s), {os.cpu_count()} CPUs; {args.requests} requests x "
-          f"{args.runs} interleaved rounds", flush=True)
+    print(
+        f"model {args.model} at {args.image_size} px, {len(bodies)} JPEGs of {args.photo_size}, "
+        f"{args.torch_threads} torch thread(s), {os.cpu_count()} CPUs; {args.requests} requests x "
+        f"{args.runs} interleaved rounds",
+        flush=True,
+    )
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -317,9 +359,11 @@ def main() -> None:
         with ExitStack() as stack:  # all three up at once (idle ones cost next to nothing), runs interleaved
             batched = serve_app("batched", serve_settings(model_dir, args), port)
             unbatched = serve_app("unbatched", serve_settings(model_dir, args, max_batch_size=1), port)
-            servers = {"serve-batched": stack.enter_context(batched),
-                       "serve-unbatched": stack.enter_context(unbatched),
-                       "plain": stack.enter_context(plain_server(model_dir, args))}
+            servers = {
+                "serve-batched": stack.enter_context(batched),
+                "serve-unbatched": stack.enter_context(unbatched),
+                "plain": stack.enter_context(plain_server(model_dir, args)),
+            }
             runs = measure(servers, bodies, args)
         report(runs)
         scaled = autoscale(model_dir, bodies, port, args) if args.autoscale else None
@@ -329,8 +373,10 @@ def main() -> None:
     top = max(int(x) for x in args.concurrency.split(","))
     for name, other, target in (("serve_batching", "serve-unbatched", 1.0), ("serve_vs_plain", "plain", 0.7)):
         ratio, each = paired_ratio(runs, "serve-batched", other, top)
-        print(f"RESULT {name} ratio={ratio:.2f} target={target} "
-              f"(c={top}, serve-batched / {other}, median of rounds {', '.join(f'{r:.2f}' for r in each)})")
+        print(
+            f"RESULT {name} ratio={ratio:.2f} target={target} "
+            f"(c={top}, serve-batched / {other}, median of rounds {', '.join(f'{r:.2f}' for r in each)})"
+        )
     if scaled:
         print(f"RESULT serve_autoscale peak_replicas={scaled[0]} final_replicas={scaled[1]} target=2,1")
 

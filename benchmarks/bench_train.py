@@ -47,10 +47,22 @@ def parse_args() -> argparse.Namespace:
 
 
 def config(args: argparse.Namespace, root: str, storage: str, name: str, epochs: int) -> TrainConfig:
-    return TrainConfig(data_root=root, model=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                       num_epochs=epochs, logging_steps=4, learning_rate=1e-4, precision="fp32",
-                       torch_threads=args.threads, cpus_per_worker=1.0, storage_path=storage, run_name=name,
-                       random_resized_crop=False, color_jitter=0.0)
+    return TrainConfig(
+        data_root=root,
+        model=args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_epochs=epochs,
+        logging_steps=4,
+        learning_rate=1e-4,
+        precision="fp32",
+        torch_threads=args.threads,
+        cpus_per_worker=1.0,
+        storage_path=storage,
+        run_name=name,
+        random_resized_crop=False,
+        color_jitter=0.0,
+    )
 
 
 def plain_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> float:
@@ -66,8 +78,8 @@ def plain_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray)
         if step == 3:
             start = time.perf_counter()
         i = (step * args.batch_size) % (len(images) - args.batch_size)
-        x = normalize(torch.from_numpy(images[i: i + args.batch_size]), pre)
-        loss = loss_fn(model(x), torch.from_numpy(labels[i: i + args.batch_size]))
+        x = normalize(torch.from_numpy(images[i : i + args.batch_size]), pre)
+        loss = loss_fn(model(x), torch.from_numpy(labels[i : i + args.batch_size]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -92,12 +104,23 @@ def ray_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, s
     data = ray.data.from_numpy(images[:n]).rename_columns({"data": "image"})
     data = data.zip(ray.data.from_numpy(labels[:n]).rename_columns({"data": "label"})).materialize()
     model, kwargs = create_model(args.model, 10, args.image_size)
-    ctx = LoopContext(cfg=dataclasses.asdict(cfg), num_classes=10, class_names=[str(i) for i in range(10)],
-                      preprocess=PreprocessConfig.from_model(model, args.image_size).to_dict(), model_kwargs=kwargs,
-                      steps_per_epoch=args.steps, run_dir=os.path.join(storage, cfg.run_name), has_validation=False)
-    TorchTrainer(train_loop, train_loop_config={"ctx": ctx, "torch_threads": args.threads},
-                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
-                 run_config=RunConfig(name=cfg.run_name, storage_path=storage), datasets={"train": data}).fit()
+    ctx = LoopContext(
+        cfg=dataclasses.asdict(cfg),
+        num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        preprocess=PreprocessConfig.from_model(model, args.image_size).to_dict(),
+        model_kwargs=kwargs,
+        steps_per_epoch=args.steps,
+        run_dir=os.path.join(storage, cfg.run_name),
+        has_validation=False,
+    )
+    TorchTrainer(
+        train_loop,
+        train_loop_config={"ctx": ctx, "torch_threads": args.threads},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage),
+        datasets={"train": data},
+    ).fit()
     return steady(read_metrics(ctx.run_dir), "images_per_s")
 
 
@@ -144,14 +167,21 @@ def main() -> None:
             wait, rate = data_wait(args, root, storage, run)
             waits.append(wait)
             piped.append(rate)
-            print(f"run {run + 1}: plain {plain[-1]:.1f} img/s, Ray Train loop {looped[-1]:.1f} img/s, "
-                  f"Ray Data pipeline {piped[-1]:.1f} img/s waiting {100 * wait:.1f}% of the time", flush=True)
+            print(
+                f"run {run + 1}: plain {plain[-1]:.1f} img/s, Ray Train loop {looped[-1]:.1f} img/s, "
+                f"Ray Data pipeline {piped[-1]:.1f} img/s waiting {100 * wait:.1f}% of the time",
+                flush=True,
+            )
     ray.shutdown()
     p, r, w = statistics.median(plain), statistics.median(looped), statistics.median(waits)
-    print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.threads} torch thread(s), "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-    print(f"median: plain loop {p:.1f} img/s, Ray Train loop {r:.1f} img/s ({r / p:.3f}x); "
-          f"fed by Ray Data from JPEGs: {statistics.median(piped):.1f} img/s, waiting {100 * w:.1f}% of step time")
+    print(
+        f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.threads} torch thread(s), "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"median: plain loop {p:.1f} img/s, Ray Train loop {r:.1f} img/s ({r / p:.3f}x); "
+        f"fed by Ray Data from JPEGs: {statistics.median(piped):.1f} img/s, waiting {100 * w:.1f}% of step time"
+    )
     print(f"RESULT train_loop_vs_plain ratio={r / p:.3f} target=0.9")
     print(f"RESULT train_data_wait ratio={w:.4f} target=<0.05")
 

@@ -29,14 +29,22 @@ from rayimgcls.config import (
     load_config,
 )
 
-app = typer.Typer(help="Image classification on Ray: data -> train -> infer -> evaluate -> serve.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Image classification on Ray: data -> train -> infer -> evaluate -> serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 logger = logging.getLogger("rayimgcls")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -68,12 +76,21 @@ def user_errors() -> Iterator[None]:
 # Flags generated from a config dataclass
 
 CONFIG_OPTION = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045 - typer needs Optional
-    default=typer.Option(None, "--config", help="YAML file of settings (keys = the flag names with underscores)."))
+    "config",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Optional[str],  # noqa: UP045 - typer needs Optional
+    default=typer.Option(None, "--config", help="YAML file of settings (keys = the flag names with underscores)."),
+)
 ADDRESS_OPTION = inspect.Parameter(
-    "address", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
-    default=typer.Option(None, "--address", help="Ray cluster (ray.init address: auto, ray://host:10001); "
-                                                  "default RAY_ADDRESS, else a local Ray."))
+    "address",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Optional[str],  # noqa: UP045
+    default=typer.Option(
+        None,
+        "--address",
+        help="Ray cluster (ray.init address: auto, ray://host:10001); default RAY_ADDRESS, else a local Ray.",
+    ),
+)
 
 
 def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -91,8 +108,9 @@ def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[...
             shown = "" if default in (None, "", {}) else f" \\[default: {default}]"  # "\\[": not rich markup
             option = typer.Option(None, *decls, help=f.metadata.get("help", "") + shown, show_default=False)
             annotation = Optional[str] if tp is dict else Optional[tp]  # noqa: UP045 - a dict is given as JSON
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                            annotation=annotation))
+            params.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+            )
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
@@ -112,6 +130,7 @@ def _split(kwargs: dict[str, Any], *names: str) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Data commands
 
+
 @app.command("make-dataset")
 def make_dataset(
     out: str = typer.Argument(..., help="Folder to create the dataset in."),
@@ -124,11 +143,19 @@ def make_dataset(
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
 ) -> None:
     """Render a shapes dataset in the SambaStudio format (labels.csv, predictions.csv, class_to_idx.json)."""
-    from rayimgcls.synth import SynthConfig, make_dataset as make
+    from rayimgcls.synth import SynthConfig
+    from rayimgcls.synth import make_dataset as make
 
     try:
-        cfg = SynthConfig(num_images=num_images, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                          multilabel=multilabel, max_rotation=max_rotation, seed=seed)
+        cfg = SynthConfig(
+            num_images=num_images,
+            num_classes=num_classes,
+            min_size=min_size,
+            max_size=max_size,
+            multilabel=multilabel,
+            max_rotation=max_rotation,
+            seed=seed,
+        )
     except ValueError as e:
         fail(str(e))
     root = make(out, cfg)
@@ -159,8 +186,11 @@ def from_folders(
 def validate(
     data_root: str = typer.Argument(..., help="Dataset root (local path or URI)."),
     num_intended_classes: Optional[int] = typer.Option(None, help="Class count; default inferred, and said."),  # noqa: UP045
-    multilabel: Optional[bool] = typer.Option(None, "--multilabel/--no-multilabel",  # noqa: UP045
-                                              help="Default: inferred from the labels."),
+    multilabel: Optional[bool] = typer.Option(  # noqa: UP045
+        None,
+        "--multilabel/--no-multilabel",
+        help="Default: inferred from the labels.",
+    ),
     images: bool = typer.Option(True, help="Decode every image (--no-images checks the CSVs only)."),
     ray_above: int = typer.Option(5000, help="Check images on Ray when a CSV has more rows than this."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for the parallel check."),  # noqa: UP045
@@ -207,6 +237,7 @@ def _print_report(report: Any, parallel: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Training
 
+
 @app.command()
 @config_flags(TrainConfig, CONFIG_OPTION, ADDRESS_OPTION)
 def train(**flags: Any) -> None:
@@ -226,6 +257,7 @@ def train(**flags: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Serving
 
+
 @app.command()
 @config_flags(ServeConfig, CONFIG_OPTION, ADDRESS_OPTION)
 def serve(**flags: Any) -> None:
@@ -241,6 +273,7 @@ def serve(**flags: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Batch inference and evaluation
+
 
 @app.command()
 @config_flags(InferConfig, CONFIG_OPTION, ADDRESS_OPTION)
@@ -267,14 +300,19 @@ def infer(**flags: Any) -> None:
 def evaluate(
     result_dir: str = typer.Option(..., help="Result dir of `rayimgcls infer` (manifest.json + shards)."),
     data_root: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional
-        None, help="Dataset root holding labels.csv; default: the manifest's."),
+        None, help="Dataset root holding labels.csv; default: the manifest's."
+    ),
     subset: Optional[str] = typer.Option(  # noqa: UP045
-        None, help="Only rows of this subset of labels.csv (e.g. test)."),
+        None, help="Only rows of this subset of labels.csv (e.g. test)."
+    ),
     model_dir: Optional[str] = typer.Option(  # noqa: UP045
-        None, help="Model directory --tune-thresholds writes to; default: the manifest's."),
+        None, help="Model directory --tune-thresholds writes to; default: the manifest's."
+    ),
     tune_thresholds: bool = typer.Option(
-        False, help="Multi-label: per-class thresholds that maximise F1 on the validation rows, written to "
-                    "the model's config.json."),
+        False,
+        help="Multi-label: per-class thresholds that maximise F1 on the validation rows, written to "
+        "the model's config.json.",
+    ),
     worst: int = typer.Option(20, min=0, help="Worst-predicted images in the report."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
@@ -289,8 +327,9 @@ def evaluate(
         from rayimgcls.evaluate import format_report
 
         try:
-            report = run(result_dir, data_root, subset=subset, model_dir=model_dir,
-                         tune_thresholds=tune_thresholds, worst=worst)
+            report = run(
+                result_dir, data_root, subset=subset, model_dir=model_dir, tune_thresholds=tune_thresholds, worst=worst
+            )
         except ResultDirError as e:
             fail(str(e))
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -298,6 +337,7 @@ def evaluate(
 
 # ---------------------------------------------------------------------------------------------------------
 # Demo
+
 
 @app.command()
 def demo(

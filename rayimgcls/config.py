@@ -47,7 +47,8 @@ class TrainConfig:
     multilabel: bool = opt(False, "Several space-separated labels per image (sigmoid + BCE).")
     num_epochs: int = opt(3, "Passes over the train subset, >= 1.")
     num_intended_classes: int | None = opt(
-        None, "Number of classes, 1..1000; default: class_to_idx.json, else the largest label + 1.")
+        None, "Number of classes, 1..1000; default: class_to_idx.json, else the largest label + 1."
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay, >= 0.")
     # --- model ---
     model: str = opt("vit_base_patch16_224", "Any timm model name.")
@@ -82,7 +83,8 @@ class TrainConfig:
 
     # Fields that may change between a run and its resumption: they do not change what is computed.
     RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
-        {"num_epochs", "max_failures", "output_dir", "logging_steps", "run_name", "storage_path"})
+        {"num_epochs", "max_failures", "output_dir", "logging_steps", "run_name", "storage_path"}
+    )
 
     def __post_init__(self) -> None:
         if not storage.is_uri(self.storage_path):
@@ -94,8 +96,12 @@ class TrainConfig:
             _check(self, "learning_rate", self.learning_rate > 0, "> 0"),
             _check(self, "logging_steps", self.logging_steps >= 1, ">= 1"),
             _check(self, "num_epochs", self.num_epochs >= 1, ">= 1"),
-            _check(self, "num_intended_classes",
-                   self.num_intended_classes is None or 1 <= self.num_intended_classes <= 1000, "1..1000"),
+            _check(
+                self,
+                "num_intended_classes",
+                self.num_intended_classes is None or 1 <= self.num_intended_classes <= 1000,
+                "1..1000",
+            ),
             _check(self, "weight_decay", self.weight_decay >= 0, ">= 0"),
             _check(self, "image_size", 8 <= self.image_size <= 4096, "8..4096"),
             _check(self, "precision", self.precision in PRECISIONS, " | ".join(PRECISIONS)),
@@ -110,11 +116,19 @@ class TrainConfig:
             _check(self, "cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "> 0"),
             _check(self, "torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1"),
             _check(self, "num_to_keep", self.num_to_keep >= 1, ">= 1"),
-            _check(self, "checkpoint_metric", self.checkpoint_metric in (None, *CHECKPOINT_METRICS),
-                   " | ".join(CHECKPOINT_METRICS)),
+            _check(
+                self,
+                "checkpoint_metric",
+                self.checkpoint_metric in (None, *CHECKPOINT_METRICS),
+                " | ".join(CHECKPOINT_METRICS),
+            ),
             _check(self, "max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited"),
-            _check(self, "run_name", self.run_name is None or _safe_name(self.run_name),
-                   "letters, digits, '-', '_' and '.'"),
+            _check(
+                self,
+                "run_name",
+                self.run_name is None or _safe_name(self.run_name),
+                "letters, digits, '-', '_' and '.'",
+            ),
         ]
         if self.num_workers >= 1 and self.batch_size >= 1 and self.batch_size % self.num_workers:
             errors.append(f"batch_size={self.batch_size}: must divide evenly by num_workers={self.num_workers}")
@@ -140,21 +154,27 @@ class InferConfig:
     result_dir: str = opt("", "Where predictions-*.jsonl shards and manifest.json go.")
     csv: str = opt("predictions.csv", "CSV under data_root with an image_path column.")
     subset: str | None = opt(None, "Only rows of this subset (train, validation, test).")
-    images: str | None = opt(None, "Predict a folder (recursively) or a glob such as 'images/**/*.jpg' "
-                                   "instead of a CSV; relative to data_root when that is given.")
+    images: str | None = opt(
+        None,
+        "Predict a folder (recursively) or a glob such as 'images/**/*.jpg' "
+        "instead of a CSV; relative to data_root when that is given.",
+    )
     batch_size: int = opt(64, "Images per model call.")
     num_actors: int | None = opt(None, "Model actors; default one per GPU with --use-gpu, else one per node.")
     use_gpu: bool = opt(False, "One GPU per model actor.")
     cpus_per_actor: float | None = opt(
-        None, "CPUs each model actor reserves, the rest decode images; default 1 with --use-gpu, else 0.5.")
+        None, "CPUs each model actor reserves, the rest decode images; default 1 with --use-gpu, else 0.5."
+    )
     threads_per_actor: int | None = opt(
-        None, "Torch threads per model actor; default: the node's CPUs shared among its actors.")
+        None, "Torch threads per model actor; default: the node's CPUs shared among its actors."
+    )
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
     top_k: int = opt(5, "Classes listed in top_k (capped at the class count).")
     rows_per_shard: int = opt(10_000, "Input rows per predictions-NNNNN.jsonl shard.")
     merge: bool = opt(False, "Also write predictions.jsonl with every line.")
-    overwrite: bool = opt(False, "Delete our earlier output in result_dir (shards, manifest, evaluation "
-                                 "reports) first; other files stay.")
+    overwrite: bool = opt(
+        False, "Delete our earlier output in result_dir (shards, manifest, evaluation reports) first; other files stay."
+    )
     resume: bool = opt(False, "Keep complete shards of the same model and input; compute the rest.")
 
     def __post_init__(self) -> None:
@@ -162,13 +182,11 @@ class InferConfig:
             _check(self, "batch_size", self.batch_size >= 1, ">= 1"),
             _check(self, "num_actors", self.num_actors is None or self.num_actors >= 1, ">= 1"),
             _check(self, "cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "> 0"),
-            _check(self, "threads_per_actor", self.threads_per_actor is None or self.threads_per_actor >= 1,
-                   ">= 1"),
+            _check(self, "threads_per_actor", self.threads_per_actor is None or self.threads_per_actor >= 1, ">= 1"),
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "top_k", self.top_k >= 1, ">= 1"),
             _check(self, "rows_per_shard", self.rows_per_shard >= 1, ">= 1"),
-            _check(self, "subset", self.subset in (None, "train", "validation", "test"),
-                   "train | validation | test"),
+            _check(self, "subset", self.subset in (None, "train", "validation", "test"), "train | validation | test"),
         ]
         if self.overwrite and self.resume:
             errors.append("overwrite and resume: choose one")
@@ -203,9 +221,11 @@ class ServeConfig:
     max_batch_size: int = opt(16, "Largest batch @serve.batch forms (1 turns batching off).")
     batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill.")
     max_concurrent_batches: int = opt(
-        1, "Batches a model replica runs at once, each in a thread (2 with torch_threads=1: 2 CPU cores).")
+        1, "Batches a model replica runs at once, each in a thread (2 with torch_threads=1: 2 CPU cores)."
+    )
     max_ongoing_requests: int | None = opt(
-        None, "Per replica; default max(2 * max_batch_size * max_concurrent_batches, 32): batches can fill.")
+        None, "Per replica; default max(2 * max_batch_size * max_concurrent_batches, 32): batches can fill."
+    )
     min_replicas: int = opt(1, "Autoscaling: fewest model replicas.")
     max_replicas: int = opt(1, "Autoscaling: most model replicas.")
     target_ongoing_requests: float = opt(8.0, "Autoscaling: ongoing requests per replica to aim for.")
@@ -228,9 +248,13 @@ class ServeConfig:
             _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1"),
             _check(self, "batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0"),
             _check(self, "max_concurrent_batches", self.max_concurrent_batches >= 1, ">= 1"),
-            _check(self, "max_ongoing_requests", self.max_ongoing_requests is None
-                   or self.max_ongoing_requests >= self.max_batch_size * self.max_concurrent_batches,
-                   ">= max_batch_size * max_concurrent_batches (or batches cannot fill)"),
+            _check(
+                self,
+                "max_ongoing_requests",
+                self.max_ongoing_requests is None
+                or self.max_ongoing_requests >= self.max_batch_size * self.max_concurrent_batches,
+                ">= max_batch_size * max_concurrent_batches (or batches cannot fill)",
+            ),
             _check(self, "min_replicas", self.min_replicas >= 0, ">= 0"),
             _check(self, "max_replicas", self.max_replicas >= max(1, self.min_replicas), ">= max(1, min_replicas)"),
             _check(self, "target_ongoing_requests", self.target_ongoing_requests > 0, "> 0"),
@@ -266,6 +290,7 @@ def _safe_name(name: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading: defaults < YAML file < flags.
+
 
 def field_types(cls: type) -> dict[str, Any]:
     """Field name -> resolved type (the module uses `from __future__ import annotations`)."""

@@ -70,8 +70,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
             images[i] = load_image(spec.data_root, str(rel), spec.preprocess, spec.augment)
         except (ImageError, storage.PathEscapeError, OSError) as e:
             if spec.on_error == "raise":
-                raise BadRowError(f"{spec.csv_name}:{int(row)}: {rel}: {_reason(e)} "
-                                  "(--skip-bad-rows skips such rows and records them)") from None
+                raise BadRowError(
+                    f"{spec.csv_name}:{int(row)}: {rel}: {_reason(e)} "
+                    "(--skip-bad-rows skips such rows and records them)"
+                ) from None
             errors[i] = _reason(e)
     out = {"row": np.asarray(batch["row"], dtype=np.int64), "image": images}
     if spec.num_classes:
@@ -99,7 +101,12 @@ def rows_dataset(df: pd.DataFrame, target_blocks_per_cpu: int = 4):
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_block = min(512, max(16, math.ceil(len(df) / (target_blocks_per_cpu * cpus))))
-    return ray.data.from_pandas([df.iloc[i: i + rows_per_block] for i in range(0, len(df), rows_per_block)])
+    ds = ray.data.from_pandas([df.iloc[i : i + rows_per_block] for i in range(0, len(df), rows_per_block)])
+    # Ray Data reserves half of the CPUs per operator by default; with one decode operator that left one of
+    # two CPUs idle most of the time (measured: 300 -> 440 images/s on 2 CPUs without it). This dataset's
+    # own context only, so other pipelines of the process keep Ray's default.
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0, shuffle_blocks: bool = False):
@@ -113,24 +120,36 @@ def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0, 
     rows = rows_dataset(df[columns])
     if shuffle_blocks:  # a new block order each epoch: cheap shuffling before the decode, not after
         rows = rows.randomize_block_order()
-    return rows.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=num_cpus,
-                            batch_format="numpy")
+    return rows.map_batches(
+        decode_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=num_cpus, batch_format="numpy"
+    )
 
 
 def _check_batch(batch: dict[str, np.ndarray], data_root: str, max_pixels: int) -> dict[str, np.ndarray]:
     from rayimgcls.dataset import check_image
 
     results = [check_image(data_root, str(p), max_pixels) for p in batch["image_path"]]
-    return {"row": batch["row"], "image_path": batch["image_path"],
-            "code": np.asarray([r[0] if r else "" for r in results], dtype=object),
-            "message": np.asarray([r[1] if r else "" for r in results], dtype=object)}
+    return {
+        "row": batch["row"],
+        "image_path": batch["image_path"],
+        "code": np.asarray([r[0] if r else "" for r in results], dtype=object),
+        "message": np.asarray([r[1] if r else "" for r in results], dtype=object),
+    }
 
 
-def check_images_on_ray(data_root: str, df: pd.DataFrame, name: str,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Problem]:
+def check_images_on_ray(
+    data_root: str, df: pd.DataFrame, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Problem]:
     """`dataset.check_images` spread over the Ray cluster: full decode of every image, every problem."""
-    checked = rows_dataset(df[["row", "image_path"]]).map_batches(
-        _check_batch, fn_kwargs={"data_root": data_root, "max_pixels": max_pixels}, batch_size=64,
-        batch_format="numpy").to_pandas()
+    checked = (
+        rows_dataset(df[["row", "image_path"]])
+        .map_batches(
+            _check_batch,
+            fn_kwargs={"data_root": data_root, "max_pixels": max_pixels},
+            batch_size=64,
+            batch_format="numpy",
+        )
+        .to_pandas()
+    )
     bad = checked[checked["code"] != ""].sort_values("row")
     return [Problem(name, int(r.row), r.message, r.code, r.image_path) for r in bad.itertuples()]

@@ -58,8 +58,11 @@ class DatasetError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in the dataset:\n{shown}{more}{hint}")
 
 
-def read_csv(data_root: str, name: str = LABELS_CSV, required: Sequence[str] = ("image_path", "label", "subset"),
-             ) -> pd.DataFrame:
+def read_csv(
+    data_root: str,
+    name: str = LABELS_CSV,
+    required: Sequence[str] = ("image_path", "label", "subset"),
+) -> pd.DataFrame:
     """Read a dataset CSV into a DataFrame of strings with a `row` column (the record's line in the file).
 
     Raises DatasetError for a missing file, an empty file or missing columns (with a did-you-mean).
@@ -123,8 +126,9 @@ def read_class_names(data_root: str) -> dict[str, int] | None:
         expected = 'expected {"class name": index, ...}'
         raise DatasetError([Problem(CLASS_TO_IDX_JSON, None, expected, "bad_class_to_idx")])
     if sorted(mapping.values()) != list(range(len(mapping))):
-        raise DatasetError([Problem(CLASS_TO_IDX_JSON, None, f"indices must be 0..{len(mapping) - 1}, each once",
-                                    "bad_class_to_idx")])
+        raise DatasetError(
+            [Problem(CLASS_TO_IDX_JSON, None, f"indices must be 0..{len(mapping) - 1}, each once", "bad_class_to_idx")]
+        )
     return mapping
 
 
@@ -158,8 +162,14 @@ def _classes(n: int) -> str:
     return f"{n} class{'es' if n != 1 else ''}"
 
 
-def check_rows(df: pd.DataFrame, name: str, num_classes: int | None, multilabel: bool | None,
-               need_labels: bool = True, flag_duplicates: bool = True) -> tuple[list[list[int]], list[Problem]]:
+def check_rows(
+    df: pd.DataFrame,
+    name: str,
+    num_classes: int | None,
+    multilabel: bool | None,
+    need_labels: bool = True,
+    flag_duplicates: bool = True,
+) -> tuple[list[list[int]], list[Problem]]:
     """Check labels, subsets and duplicates of a parsed CSV; return the parsed labels and the problems."""
     problems: list[Problem] = []
     labels: list[list[int]] = []
@@ -178,13 +188,21 @@ def check_rows(df: pd.DataFrame, name: str, num_classes: int | None, multilabel:
                 problems.append(Problem(name, row, f"label {bad[0]} outside {allowed}", "label_out_of_range", path))
                 parsed = []
             if multilabel is False and len(parsed) > 1:
-                problems.append(Problem(name, row, f"{len(parsed)} labels {label!r} but multilabel is off",
-                                        "multiple_labels", path))
+                problems.append(
+                    Problem(name, row, f"{len(parsed)} labels {label!r} but multilabel is off", "multiple_labels", path)
+                )
             if len(set(parsed)) != len(parsed):
                 problems.append(Problem(name, row, f"label {label!r} repeats a class", "bad_label", path))
             if subset not in SUBSETS:
-                problems.append(Problem(name, row, f"unknown subset {subset!r} (expected one of {', '.join(SUBSETS)})",
-                                        "unknown_subset", path))
+                problems.append(
+                    Problem(
+                        name,
+                        row,
+                        f"unknown subset {subset!r} (expected one of {', '.join(SUBSETS)})",
+                        "unknown_subset",
+                        path,
+                    )
+                )
         labels.append(parsed)
     if flag_duplicates:
         first_seen: dict[str, int] = {}
@@ -219,15 +237,20 @@ def check_image(data_root: str, rel: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return None
 
 
-def check_images(data_root: str, df: pd.DataFrame, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int = 8) -> list[Problem]:
+def check_images(
+    data_root: str, df: pd.DataFrame, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 8
+) -> list[Problem]:
     """Decode every image in a thread pool (PIL releases the GIL while decoding). For large datasets use
     `rayimgcls.data.check_images_on_ray`, which spreads the same check over the cluster."""
     paths = list(df["image_path"])
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(lambda p: check_image(data_root, p, max_pixels), paths))
-    return [Problem(name, int(row), msg, code, path)
-            for row, path, res in zip(df["row"], paths, results, strict=True) if res is not None for code, msg in [res]]
+    return [
+        Problem(name, int(row), msg, code, path)
+        for row, path, res in zip(df["row"], paths, results, strict=True)
+        if res is not None
+        for code, msg in [res]
+    ]
 
 
 @dataclass
@@ -254,13 +277,16 @@ class Report:
         return d
 
 
-def summarize(data_root: str, df: pd.DataFrame, labels: list[list[int]], classes: ClassInfo,
-              multilabel: bool) -> Report:
+def summarize(
+    data_root: str, df: pd.DataFrame, labels: list[list[int]], classes: ClassInfo, multilabel: bool
+) -> Report:
     report = Report(data_root, classes.num_classes, classes.source, multilabel)
     report.subsets = dict(Counter(df["subset"]))
     counts = Counter(c for ls in labels for c in ls)
-    report.classes = {classes.names[c] if c < len(classes.names) else str(c): counts[c]
-                      for c in sorted(set(range(classes.num_classes)) | set(counts))}
+    report.classes = {
+        classes.names[c] if c < len(classes.names) else str(c): counts[c]
+        for c in sorted(set(range(classes.num_classes)) | set(counts))
+    }
     report.labels_per_image = dict(sorted(Counter(len(ls) for ls in labels).items()))
     return report
 
@@ -268,9 +294,14 @@ def summarize(data_root: str, df: pd.DataFrame, labels: list[list[int]], classes
 ImageChecker = Callable[[str, pd.DataFrame, str, int], list[Problem]]
 
 
-def validate(data_root: str, num_intended_classes: int | None = None, multilabel: bool | None = None,
-             images: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-             image_checker: ImageChecker = check_images) -> Report:
+def validate(
+    data_root: str,
+    num_intended_classes: int | None = None,
+    multilabel: bool | None = None,
+    images: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    image_checker: ImageChecker = check_images,
+) -> Report:
     """Check labels.csv (and predictions.csv when present) and report every problem.
 
     `multilabel=None` infers it (any row with several labels); `image_checker` decodes every image
@@ -283,8 +314,9 @@ def validate(data_root: str, num_intended_classes: int | None = None, multilabel
     classes = resolve_classes(data_root, raw_labels, num_intended_classes)
     labels, problems = check_rows(df, LABELS_CSV, classes.num_classes, multilabel)
     if classes.num_classes > MAX_CLASSES:
-        problems.append(Problem(LABELS_CSV, None, f"{classes.num_classes} classes: at most {MAX_CLASSES}",
-                                "too_many_classes"))
+        problems.append(
+            Problem(LABELS_CSV, None, f"{classes.num_classes} classes: at most {MAX_CLASSES}", "too_many_classes")
+        )
     if images:
         problems += image_checker(data_root, df, LABELS_CSV, max_pixels)
     report = summarize(data_root, df, labels, classes, multilabel)
@@ -306,8 +338,9 @@ def validate(data_root: str, num_intended_classes: int | None = None, multilabel
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def from_folders(src: str, out: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 seed: int = 0) -> pd.DataFrame:
+def from_folders(
+    src: str, out: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> pd.DataFrame:
     """Turn a class-per-folder tree (torchvision's ImageFolder layout) into labels.csv + class_to_idx.json.
 
     Classes are the sorted sub-folder names (ImageFolder's order). With `out` == `src` the CSV is written into

@@ -39,8 +39,13 @@ class Predictions:
 def load_predictions(result_dir: str) -> Predictions:
     manifest = read_manifest(result_dir)
     lines = list(iter_lines(result_dir, manifest))
-    frame = pd.DataFrame({"row": [int(x["row"]) for x in lines], "input": [x["input"] for x in lines],
-                          "error": [x.get("error", "") for x in lines]})
+    frame = pd.DataFrame(
+        {
+            "row": [int(x["row"]) for x in lines],
+            "input": [x["input"] for x in lines],
+            "error": [x.get("error", "") for x in lines],
+        }
+    )
     num_classes = manifest["model"]["num_classes"]
     probs = np.array([x["predictions"] for x in lines if "error" not in x], dtype=np.float64)
     if len(probs) and probs.shape != (len(probs), num_classes):
@@ -54,10 +59,15 @@ def attach_labels(preds: Predictions, data_root: str) -> pd.DataFrame:
     itself, else by the normalised image path."""
     model = preds.manifest["model"]
     table = read_csv(data_root, LABELS_CSV)
-    labels, problems = check_rows(table, LABELS_CSV, model["num_classes"], model["multilabel"],
-                                  flag_duplicates=False)
-    right = pd.DataFrame({"label_row": table["row"], "key": table["image_path"].map(normalize_rel),
-                          "labels": labels, "subset": table["subset"]})
+    labels, problems = check_rows(table, LABELS_CSV, model["num_classes"], model["multilabel"], flag_duplicates=False)
+    right = pd.DataFrame(
+        {
+            "label_row": table["row"],
+            "key": table["image_path"].map(normalize_rel),
+            "labels": labels,
+            "subset": table["subset"],
+        }
+    )
     source = preds.manifest["input"]
     if source["kind"] == "csv" and normalize_rel(source["csv"]) == LABELS_CSV:
         joined = preds.frame.merge(right.drop(columns="key"), how="left", left_on="row", right_on="label_row")
@@ -78,8 +88,15 @@ def _unique_paths(table: pd.DataFrame) -> pd.DataFrame:
     for key, group in table[table.duplicated("key", keep=False)].groupby("key"):
         if len({tuple(x) for x in group["labels"]}) > 1:
             lines = ", ".join(str(r) for r in group["label_row"])
-            problems.append(Problem(LABELS_CSV, int(group["label_row"].iloc[0]),
-                                    f"labelled differently on lines {lines}", "conflicting_labels", key))
+            problems.append(
+                Problem(
+                    LABELS_CSV,
+                    int(group["label_row"].iloc[0]),
+                    f"labelled differently on lines {lines}",
+                    "conflicting_labels",
+                    key,
+                )
+            )
     if problems:
         raise DatasetError(problems)
     return table.drop_duplicates("key")
@@ -88,9 +105,17 @@ def _unique_paths(table: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------
 # The report
 
-def evaluate(result_dir: str, data_root: str | None = None, *, subset: str | None = None,
-             model_dir: str | None = None, tune_thresholds: bool = False, worst: int = 20,
-             confused: int = 10) -> dict:
+
+def evaluate(
+    result_dir: str,
+    data_root: str | None = None,
+    *,
+    subset: str | None = None,
+    model_dir: str | None = None,
+    tune_thresholds: bool = False,
+    worst: int = 20,
+    confused: int = 10,
+) -> dict:
     """Compute the report, write evaluation[-SUBSET].json (and the confusion matrix for multi-class) into
     the result dir, and return it. `tune_thresholds` (multi-label) picks per-class thresholds on the
     validation rows and writes them into the model directory's config.json first."""
@@ -104,17 +129,25 @@ def evaluate(result_dir: str, data_root: str | None = None, *, subset: str | Non
     scored = selected[~failed & ~unlabelled]
     if scored.empty:
         where = f" (subset {subset!r})" if subset else ""
-        raise DatasetError([Problem(LABELS_CSV, None, f"no labelled, predicted rows in {result_dir}{where}",
-                                    "nothing_to_evaluate")])
+        raise DatasetError(
+            [Problem(LABELS_CSV, None, f"no labelled, predicted rows in {result_dir}{where}", "nothing_to_evaluate")]
+        )
     thresholds = {"values": model["thresholds"], "source": "the model's, as used by infer"}
     if tune_thresholds:
         thresholds = _tune(preds, joined, model_dir or model["dir"])
     report: dict[str, Any] = {
-        "result_dir": result_dir, "data_root": data_root, "subset": subset or "all",
+        "result_dir": result_dir,
+        "data_root": data_root,
+        "subset": subset or "all",
         "model": {k: model[k] for k in ("name", "version", "dir", "multilabel", "num_classes")},
         "input": preds.manifest["input"],
-        "rows": {"predicted": len(joined), "selected": len(selected), "errors": int(failed.sum()),
-                 "unlabelled": int(unlabelled.sum()), "evaluated": len(scored)},
+        "rows": {
+            "predicted": len(joined),
+            "selected": len(selected),
+            "errors": int(failed.sum()),
+            "unlabelled": int(unlabelled.sum()),
+            "evaluated": len(scored),
+        },
         "errors": _examples(selected[failed], ["row", "input", "error"]),
         "unlabelled": _examples(selected[unlabelled], ["row", "input"]),
     }
@@ -129,8 +162,9 @@ def evaluate(result_dir: str, data_root: str | None = None, *, subset: str | Non
         report.update(_multiclass(scored, probs, names, worst, confused))
         _write_confusion(result_dir, subset, names, np.asarray(report["confusion_matrix"]))
     report = _finite(report)
-    storage.write_text(storage.join(result_dir, _name("evaluation", subset, "json")),
-                       json.dumps(report, indent=2) + "\n")
+    storage.write_text(
+        storage.join(result_dir, _name("evaluation", subset, "json")), json.dumps(report, indent=2) + "\n"
+    )
     return report
 
 
@@ -143,8 +177,10 @@ def _prob_index(joined: pd.DataFrame) -> pd.Series:
 
 
 def _examples(frame: pd.DataFrame, columns: list[str]) -> list[dict]:
-    return [{c: (int(v) if c == "row" else v) for c, v in zip(columns, r, strict=True)}
-            for r in frame[columns].head(EXAMPLES).itertuples(index=False)]
+    return [
+        {c: (int(v) if c == "row" else v) for c, v in zip(columns, r, strict=True)}
+        for r in frame[columns].head(EXAMPLES).itertuples(index=False)
+    ]
 
 
 def _name(stem: str, subset: str | None, ext: str) -> str:
@@ -159,13 +195,17 @@ def _tune(preds: Predictions, joined: pd.DataFrame, model_dir: str) -> dict:
         raise ModelError("--tune-thresholds: only for multi-label models (this one is multi-class)")
     val = joined[(joined["subset"] == "validation") & (joined["error"] == "") & joined["labels"].notna()]
     if val.empty:
-        message = ("--tune-thresholds needs predictions of validation rows: run `rayimgcls infer "
-                   "--csv labels.csv` (all subsets, or --subset validation)")
+        message = (
+            "--tune-thresholds needs predictions of validation rows: run `rayimgcls infer "
+            "--csv labels.csv` (all subsets, or --subset validation)"
+        )
         raise DatasetError([Problem(LABELS_CSV, None, message, "no_validation_rows")])
     card = read_card(model_dir)
     if card.version != model["version"]:
-        raise ModelError(f"{model_dir}: version {card.version[:12]} is not the model that made these "
-                         f"predictions ({model['version'][:12]}); pass its --model-dir")
+        raise ModelError(
+            f"{model_dir}: version {card.version[:12]} is not the model that made these "
+            f"predictions ({model['version'][:12]}); pass its --model-dir"
+        )
     targets = _multi_hot(val, model["num_classes"])
     values = metrics.tune_thresholds(preds.probs[val["p_index"].to_numpy()], targets)
     card.thresholds = values
@@ -185,35 +225,64 @@ def _multiclass(scored: pd.DataFrame, probs: np.ndarray, names: list[str], worst
     m = metrics.multiclass_metrics(probs, targets)
     cm = np.asarray(m["confusion_matrix"])
     off = [(int(cm[i, j]), i, j) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
-    pairs = [{"true": names[i], "predicted": names[j], "count": n}
-             for n, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:confused]]
+    pairs = [
+        {"true": names[i], "predicted": names[j], "count": n}
+        for n, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:confused]
+    ]
     p_true = probs[np.arange(len(targets)), targets]
     preds = probs.argmax(axis=1)
     order = np.lexsort((scored["row"].to_numpy(), p_true))[:worst]
-    worst_rows = [{"row": int(scored["row"].iloc[i]), "input": scored["input"].iloc[i],
-                   "true": names[targets[i]], "predicted": names[preds[i]], "p_true": float(p_true[i]),
-                   "p_predicted": float(probs[i, preds[i]])} for i in order]
-    return {"accuracy": m["top1"], "top5": m.get("top5"), "macro_precision": m["macro_precision"],
-            "macro_recall": m["macro_recall"], "macro_f1": m["macro_f1"], "per_class": _per_class(m, names),
-            "confusion_matrix": m["confusion_matrix"], "most_confused": pairs, "worst": worst_rows}
+    worst_rows = [
+        {
+            "row": int(scored["row"].iloc[i]),
+            "input": scored["input"].iloc[i],
+            "true": names[targets[i]],
+            "predicted": names[preds[i]],
+            "p_true": float(p_true[i]),
+            "p_predicted": float(probs[i, preds[i]]),
+        }
+        for i in order
+    ]
+    return {
+        "accuracy": m["top1"],
+        "top5": m.get("top5"),
+        "macro_precision": m["macro_precision"],
+        "macro_recall": m["macro_recall"],
+        "macro_f1": m["macro_f1"],
+        "per_class": _per_class(m, names),
+        "confusion_matrix": m["confusion_matrix"],
+        "most_confused": pairs,
+        "worst": worst_rows,
+    }
 
 
-def _multilabel(scored: pd.DataFrame, probs: np.ndarray, names: list[str], thresholds: list[float],
-                worst: int) -> dict:
+def _multilabel(scored: pd.DataFrame, probs: np.ndarray, names: list[str], thresholds: list[float], worst: int) -> dict:
     targets = _multi_hot(scored, len(names))
     m = metrics.multilabel_metrics(probs, targets, thresholds)
     clipped = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = -(targets * np.log(clipped) + ~targets * np.log(1 - clipped)).mean(axis=1)
     order = np.lexsort((scored["row"].to_numpy(), -loss))[:worst]
     above = probs >= np.asarray(thresholds)[None, :]
-    worst_rows = [{"row": int(scored["row"].iloc[i]), "input": scored["input"].iloc[i],
-                   "true": [names[c] for c in np.flatnonzero(targets[i])],
-                   "predicted": [names[c] for c in np.flatnonzero(above[i])], "loss": float(loss[i])}
-                  for i in order]
-    return {"map": m["map"], "map_classes": m["map_classes"],
-            "classes_without_positives": m["classes_without_positives"], "micro_f1": m["micro_f1"],
-            "macro_f1": m["macro_f1_ml"], "sample_f1": m["sample_f1"], "per_class": _per_class(m, names),
-            "worst": worst_rows}
+    worst_rows = [
+        {
+            "row": int(scored["row"].iloc[i]),
+            "input": scored["input"].iloc[i],
+            "true": [names[c] for c in np.flatnonzero(targets[i])],
+            "predicted": [names[c] for c in np.flatnonzero(above[i])],
+            "loss": float(loss[i]),
+        }
+        for i in order
+    ]
+    return {
+        "map": m["map"],
+        "map_classes": m["map_classes"],
+        "classes_without_positives": m["classes_without_positives"],
+        "micro_f1": m["micro_f1"],
+        "macro_f1": m["macro_f1_ml"],
+        "sample_f1": m["sample_f1"],
+        "per_class": _per_class(m, names),
+        "worst": worst_rows,
+    }
 
 
 def _per_class(m: dict, names: list[str]) -> list[dict]:
@@ -261,8 +330,15 @@ def confusion_png(names: list[str], cm: np.ndarray) -> bytes:
     if n <= 25:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if share[i, j] > 0.5 else "black",
+                    fontsize=8,
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix\n(colour: share of the true class)", fontsize=10)
@@ -276,41 +352,55 @@ def confusion_png(names: list[str], cm: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 # Terminal output
 
+
 def format_report(report: dict, rows: int = 10) -> str:
     """The report as a readable table (the JSON file has everything)."""
     r = report["rows"]
-    out = [f"evaluation of {report['result_dir']} (model {report['model']['name']} "
-           f"{report['model']['version'][:12]}, subset: {report['subset']})",
-           f"rows: {r['selected']} selected, {r['errors']} errors, {r['unlabelled']} without a label "
-           f"-> {r['evaluated']} evaluated (error and unlabelled rows are listed in the JSON report)"]
+    out = [
+        f"evaluation of {report['result_dir']} (model {report['model']['name']} "
+        f"{report['model']['version'][:12]}, subset: {report['subset']})",
+        f"rows: {r['selected']} selected, {r['errors']} errors, {r['unlabelled']} without a label "
+        f"-> {r['evaluated']} evaluated (error and unlabelled rows are listed in the JSON report)",
+    ]
     if report["model"]["multilabel"]:
-        out.append(f"mAP {_f(report['map'])} over {report['map_classes']} classes with positives; "
-                   f"F1 at the thresholds: micro {_f(report['micro_f1'])}, macro {_f(report['macro_f1'])}, "
-                   f"per-image {_f(report['sample_f1'])}")
+        out.append(
+            f"mAP {_f(report['map'])} over {report['map_classes']} classes with positives; "
+            f"F1 at the thresholds: micro {_f(report['micro_f1'])}, macro {_f(report['macro_f1'])}, "
+            f"per-image {_f(report['sample_f1'])}"
+        )
         out.append(f"thresholds: {report['thresholds']['source']}")
         out += [f"note: {n}" for n in report["notes"]]
-        out += _table(["class", "AP", "precision", "recall", "F1", "support"],
-                      [[c["class"], c["ap"], c["precision"], c["recall"], c["f1"], c["support"]]
-                       for c in report["per_class"]])
+        out += _table(
+            ["class", "AP", "precision", "recall", "F1", "support"],
+            [[c["class"], c["ap"], c["precision"], c["recall"], c["f1"], c["support"]] for c in report["per_class"]],
+        )
         out.append("worst predicted (highest loss):")
-        out += _table(["row", "input", "true", "predicted", "loss"],
-                      [[w["row"], w["input"], " ".join(w["true"]), " ".join(w["predicted"]), w["loss"]]
-                       for w in report["worst"][:rows]])
+        out += _table(
+            ["row", "input", "true", "predicted", "loss"],
+            [
+                [w["row"], w["input"], " ".join(w["true"]), " ".join(w["predicted"]), w["loss"]]
+                for w in report["worst"][:rows]
+            ],
+        )
         return "\n".join(out)
     top5 = "n/a (5 classes or fewer)" if report["top5"] is None else _f(report["top5"])
-    out.append(f"accuracy {_f(report['accuracy'])}, top-5 {top5}; macro precision "
-               f"{_f(report['macro_precision'])}, recall {_f(report['macro_recall'])}, "
-               f"F1 {_f(report['macro_f1'])}")
-    out += _table(["class", "precision", "recall", "F1", "support"],
-                  [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]]
-                   for c in report["per_class"]])
+    out.append(
+        f"accuracy {_f(report['accuracy'])}, top-5 {top5}; macro precision "
+        f"{_f(report['macro_precision'])}, recall {_f(report['macro_recall'])}, "
+        f"F1 {_f(report['macro_f1'])}"
+    )
+    out += _table(
+        ["class", "precision", "recall", "F1", "support"],
+        [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in report["per_class"]],
+    )
     out.append("most confused (true -> predicted):")
     pairs = report["most_confused"][:rows]
     out += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs] or ["  none"]
     out.append("worst predicted (lowest probability of the true class):")
-    out += _table(["row", "input", "true", "predicted", "p(true)"],
-                  [[w["row"], w["input"], w["true"], w["predicted"], w["p_true"]]
-                   for w in report["worst"][:rows]])
+    out += _table(
+        ["row", "input", "true", "predicted", "p(true)"],
+        [[w["row"], w["input"], w["true"], w["predicted"], w["p_true"]] for w in report["worst"][:rows]],
+    )
     return "\n".join(out)
 
 

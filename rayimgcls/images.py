@@ -69,16 +69,18 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
         raise ImageError("empty image: zero bytes", "empty")
     fmt = sniff_format(data)
     if fmt is None:
-        raise ImageError(f"not a supported image format (accepted: {', '.join(ACCEPTED_FORMATS)})",
-                         "unsupported_format")
+        raise ImageError(
+            f"not a supported image format (accepted: {', '.join(ACCEPTED_FORMATS)})", "unsupported_format"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
             img = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
-                                 "too_many_pixels")
+                raise ImageError(
+                    f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}", "too_many_pixels"
+                )
             if min_side is not None and fmt == "JPEG":
                 img.draft("RGB", (min_side, min_side))
             img.load()
@@ -143,8 +145,14 @@ class PreprocessConfig:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
-        return cls(input_size=image_size, interpolation=cfg["interpolation"], crop_pct=float(cfg["crop_pct"]),
-                   crop_mode=cfg.get("crop_mode", "center"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        return cls(
+            input_size=image_size,
+            interpolation=cfg["interpolation"],
+            crop_pct=float(cfg["crop_pct"]),
+            crop_mode=cfg.get("crop_mode", "center"),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
@@ -161,8 +169,14 @@ class PreprocessConfig:
 
 Transform = Callable[[Image.Image], np.ndarray]
 
-_INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+_INTERPOLATION = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
 
 
 def _interpolation(name: str) -> int:
@@ -227,8 +241,9 @@ class TrainTransform:
             from timm.data.auto_augment import rand_augment_transform
 
             mean = tuple(round(255 * m) for m in pre.mean)
-            self.randaugment = rand_augment_transform(aug.randaugment, {"img_mean": mean, "translate_const":
-                                                                        int(self.size * 0.45)})
+            self.randaugment = rand_augment_transform(
+                aug.randaugment, {"img_mean": mean, "translate_const": int(self.size * 0.45)}
+            )
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of a random crop with area in [crop_scale_min, 1] of the image and

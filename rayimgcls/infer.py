@@ -38,8 +38,10 @@ SHARD_GLOB = "predictions-*.jsonl"
 TMP_SUFFIX = ".tmp"
 # Everything rayimgcls writes into a result dir (evaluate's reports included), with the temporary names of
 # storage.write_bytes (".name.tmp-PID") and of shards ("name.tmp"): what --overwrite may delete.
-OWN_FILE = re.compile(r"\.?(predictions-\d{5,}\.jsonl|predictions\.jsonl|manifest\.json"
-                      r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png))(\.tmp(-\d+)?)*")
+OWN_FILE = re.compile(
+    r"\.?(predictions-\d{5,}\.jsonl|predictions\.jsonl|manifest\.json"
+    r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png))(\.tmp(-\d+)?)*"
+)
 PROGRESS_EVERY_S = 30.0
 CPU_ACTOR_CPUS = 0.5  # see plan_pool
 ERROR_EXAMPLES = 5  # error lines the summary shows
@@ -59,6 +61,7 @@ class PipelineError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs: a CSV (by default predictions.csv) or a folder / glob of images.
+
 
 @dataclass(frozen=True)
 class Inputs:
@@ -80,8 +83,11 @@ def read_inputs(cfg: InferConfig) -> Inputs:
         if df.empty:
             problem = Problem(cfg.csv, None, f"no rows with subset {cfg.subset!r}", "empty_subset")
             raise DatasetError([problem])
-    return _inputs(df[["row", "image_path"]].reset_index(drop=True), cfg.data_root,
-                   {"kind": "csv", "data_root": cfg.data_root, "csv": cfg.csv, "subset": cfg.subset})
+    return _inputs(
+        df[["row", "image_path"]].reset_index(drop=True),
+        cfg.data_root,
+        {"kind": "csv", "data_root": cfg.data_root, "csv": cfg.csv, "subset": cfg.subset},
+    )
 
 
 def _inputs(frame: pd.DataFrame, root: str, description: dict) -> Inputs:
@@ -128,7 +134,7 @@ def _relative_prefix(root: str, base: str) -> str:
     if not base_n.startswith(root_n.rstrip("/") + "/"):
         problem = Problem("--images", None, f"{base} lies outside the data root {root}", "path_escape")
         raise DatasetError([problem])
-    return base_n[len(root_n.rstrip("/")) + 1:] + "/"
+    return base_n[len(root_n.rstrip("/")) + 1 :] + "/"
 
 
 def glob_regex(glob: str) -> re.Pattern[str]:
@@ -146,7 +152,7 @@ def glob_regex(glob: str) -> re.Pattern[str]:
             out.append("[^/]*" if glob[i] == "*" else "[^/]")
             i += 1
         elif glob[i] == "[" and (end := glob.find("]", i + 2)) > 0:
-            body = glob[i + 1:end]
+            body = glob[i + 1 : end]
             out.append("[" + ("^" + re.escape(body[1:]) if body[0] == "!" else re.escape(body)) + "]")
             i = end + 1
         else:
@@ -157,6 +163,7 @@ def glob_regex(glob: str) -> re.Pattern[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Shards and the manifest
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -187,12 +194,21 @@ def build_manifest(cfg: InferConfig, card: ModelCard, inputs: Inputs, shards: li
     `--resume` keeps shards only when they would come out the same."""
     return {
         "format": FORMAT_VERSION,
-        "model": {"dir": cfg.model_dir, "name": card.model_name, "version": card.version,
-                  "num_classes": card.num_classes, "multilabel": card.multilabel,
-                  "class_names": card.class_names, "thresholds": card.thresholds},
+        "model": {
+            "dir": cfg.model_dir,
+            "name": card.model_name,
+            "version": card.version,
+            "num_classes": card.num_classes,
+            "multilabel": card.multilabel,
+            "class_names": card.class_names,
+            "thresholds": card.thresholds,
+        },
         "input": inputs.description,
-        "settings": {"precision": cfg.precision or card.precision, "top_k": cfg.top_k,
-                     "rows_per_shard": cfg.rows_per_shard},
+        "settings": {
+            "precision": cfg.precision or card.precision,
+            "top_k": cfg.top_k,
+            "rows_per_shard": cfg.rows_per_shard,
+        },
         "shards": [{"file": s.file, **asdict(s)} for s in shards],
         "complete": False,
     }
@@ -204,8 +220,11 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     out = []
     for section in ("model", "input", "settings"):
         before, after = old.get(section, {}), new[section]
-        out += [f"{section}.{k}: {_short(before.get(k))} -> {_short(after[k])}"
-                for k in after if before.get(k) != after[k] and (section, k) != ("model", "dir")]
+        out += [
+            f"{section}.{k}: {_short(before.get(k))} -> {_short(after[k])}"
+            for k in after
+            if before.get(k) != after[k] and (section, k) != ("model", "dir")
+        ]
     return out
 
 
@@ -236,9 +255,11 @@ def iter_lines(result_dir: str, manifest: dict) -> Iterator[dict]:
     files = set(storage.list_files(result_dir))
     missing = [s["file"] for s in manifest["shards"] if s["file"] not in files]
     if missing:
-        raise ResultDirError(f"{result_dir}: {len(missing)} of {len(manifest['shards'])} shards missing "
-                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                             "finish the run with `rayimgcls infer ... --resume`")
+        raise ResultDirError(
+            f"{result_dir}: {len(missing)} of {len(manifest['shards'])} shards missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            "finish the run with `rayimgcls infer ... --resume`"
+        )
     for shard in manifest["shards"]:
         path = storage.join(result_dir, shard["file"])
         for n, text in enumerate(storage.read_text(path).splitlines(), start=1):
@@ -257,8 +278,10 @@ def prepare_result_dir(cfg: InferConfig, manifest: dict) -> set[int]:
     if cfg.resume:
         return _resumable(cfg.result_dir, files, manifest)
     if not cfg.overwrite:
-        raise ResultDirError(f"{cfg.result_dir} is not empty ({len(files)} files, e.g. {files[0]}); "
-                             "--resume continues an interrupted run, --overwrite replaces our earlier output")
+        raise ResultDirError(
+            f"{cfg.result_dir} is not empty ({len(files)} files, e.g. {files[0]}); "
+            "--resume continues an interrupted run, --overwrite replaces our earlier output"
+        )
     for name in files:
         if OWN_FILE.fullmatch(name):
             storage.delete_file(storage.join(cfg.result_dir, name))
@@ -270,8 +293,11 @@ def _resumable(result_dir: str, files: list[str], manifest: dict) -> set[int]:
         raise ResultDirError(f"{result_dir}: cannot resume, there is no {MANIFEST} (not our output?)")
     diffs = manifest_differences(read_manifest(result_dir), manifest)
     if diffs:
-        raise ResultDirError(f"{result_dir}: cannot resume, the earlier run differs:\n  " + "\n  ".join(diffs)
-                             + "\n(--overwrite starts over)")
+        raise ResultDirError(
+            f"{result_dir}: cannot resume, the earlier run differs:\n  "
+            + "\n  ".join(diffs)
+            + "\n(--overwrite starts over)"
+        )
     for name in files:  # partial shards and merged output of the interrupted run
         if OWN_FILE.fullmatch(name) and (name.endswith(TMP_SUFFIX) or ".tmp-" in name or name == MERGED):
             storage.delete_file(storage.join(result_dir, name))
@@ -316,6 +342,7 @@ def merge_shards(result_dir: str, shards: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The model stage
 
+
 def prediction_line(path: str, row: int, probs: np.ndarray, card: ModelCard, top_k: int) -> str:
     from rayimgcls.model import format_prediction
 
@@ -338,8 +365,13 @@ class PredictLines:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the reserved CPUs; see plan_pool
         self.predictor = Predictor.from_dir(model_dir, device=device, precision=precision)
         self.top_k = top_k
-        logger.info("model actor ready: %s on %s, precision %s, %d threads", self.predictor.card.model_name,
-                    device, self.predictor.precision, threads)
+        logger.info(
+            "model actor ready: %s on %s, precision %s, %d threads",
+            self.predictor.card.model_name,
+            device,
+            self.predictor.precision,
+            threads,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors, rows, paths = batch["error"], batch["row"], batch["image_path"]
@@ -357,53 +389,84 @@ class PredictLines:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How the model stage is spread: actors, what each reserves, and its torch threads."""
+    """How the model stage is spread: actors, what each reserves, its torch threads, and the CPUs of a decode
+    task."""
 
     actors: int
     cpus: float
     gpus: float
     threads: int
+    decode_cpus: float = 1.0
 
 
 def plan_pool(cfg: InferConfig) -> PoolPlan:
+    """The pool for the cluster Ray is connected to; see size_pool."""
+    import ray
+
+    from rayimgcls.runtime import check_resources, max_resources
+
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    pool = size_pool(
+        cfg, nodes, gpus=int(ray.cluster_resources().get("GPU", 0)), max_cpus=max_resources().get("CPU", 0.0)
+    )
+    check_resources("inference", cpus=pool.actors * pool.cpus, gpus=pool.actors * pool.gpus)
+    return pool
+
+
+def size_pool(cfg: InferConfig, nodes: list[float], gpus: int, max_cpus: float) -> PoolPlan:
     """One actor per GPU with --use-gpu; on CPUs, by default one actor per node whose torch threads use all
     the node's cores while it reserves only CPU_ACTOR_CPUS. A matmul-bound model gains nothing from a second
     process on the same cores; the reservation only decides how many decode tasks run beside it. It must
     differ from a decode task's 1 CPU: with equal resource requests Ray Data fuses the decode into the actor
-    (ray issue #54433), which serialises decoding with the model."""
-    import ray
+    (ray issue #54433), which serialises decoding with the model.
 
-    from rayimgcls.runtime import check_resources
+    Decoding must still find a CPU, or the pipeline waits forever: a CPU actor goes only on a node with room for
+    a decode task beside it (nodes of one CPU decode), and on a lone one-CPU machine the decode tasks take the
+    half CPU the actor leaves. `nodes`: the CPUs of each node now; `max_cpus`: what the cluster can scale to.
+    """
+    from rayimgcls.runtime import ResourceError
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = cfg.num_actors or (max(gpus, 1) if cfg.use_gpu else max(len(nodes), 1))
     cpus = cfg.cpus_per_actor or (1.0 if cfg.use_gpu else CPU_ACTOR_CPUS)
-    check_resources("inference", cpus=actors * cpus, gpus=actors if cfg.use_gpu else 0)
-    node_cpus = max((int(n["Resources"]["CPU"]) for n in nodes), default=1)
-    per_node = math.ceil(actors / max(len(nodes), 1))
-    threads = cfg.threads_per_actor or max(1, node_cpus // per_node)
-    return PoolPlan(actors, cpus, 1.0 if cfg.use_gpu else 0.0, threads)
+    roomy = [c for c in nodes if c >= cpus + 1.0]
+    actors = cfg.num_actors or (max(gpus, 1) if cfg.use_gpu else max(len(roomy), 1))
+    decode_cpus = min(1.0, max_cpus - actors * cpus)
+    if decode_cpus <= 0:
+        raise ResourceError(
+            f"inference: {actors} model actor(s) of {cpus:g} CPU leave none of the cluster's "
+            f"{max_cpus:g} CPUs to decode images with; use fewer --num-actors or --cpus-per-actor"
+        )
+    per_node = math.ceil(actors / max(len(roomy) or len(nodes), 1))
+    threads = cfg.threads_per_actor or max(1, int(max(nodes, default=1)) // per_node)
+    return PoolPlan(actors, cpus, 1.0 if cfg.use_gpu else 0.0, threads, decode_cpus)
 
 
-def predictions_dataset(frame: pd.DataFrame, data_root: str, card: ModelCard, cfg: InferConfig,
-                        pool: PoolPlan) -> Any:
+def predictions_dataset(frame: pd.DataFrame, data_root: str, card: ModelCard, cfg: InferConfig, pool: PoolPlan) -> Any:
     """Rows -> Ray Dataset of (`row`, `line`, `failed`): decode tasks, then the model actor pool."""
     import ray
 
     from rayimgcls.data import DecodeSpec, image_dataset
 
     spec = DecodeSpec(data_root, cfg.images or cfg.csv, card.preprocess, on_error="keep")
-    return image_dataset(frame, spec).map_batches(
-        PredictLines, batch_size=cfg.batch_size, batch_format="numpy",
+    return image_dataset(frame, spec, num_cpus=pool.decode_cpus).map_batches(
+        PredictLines,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        fn_constructor_kwargs={"model_dir": cfg.model_dir, "device": "cuda" if cfg.use_gpu else "cpu",
-                               "precision": cfg.precision, "top_k": cfg.top_k, "threads": pool.threads},
-        num_cpus=pool.cpus, num_gpus=pool.gpus)
+        fn_constructor_kwargs={
+            "model_dir": cfg.model_dir,
+            "device": "cuda" if cfg.use_gpu else "cpu",
+            "precision": cfg.precision,
+            "top_k": cfg.top_k,
+            "threads": pool.threads,
+        },
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
+
 
 @dataclass
 class InferSummary:
@@ -444,21 +507,30 @@ class InferSummary:
         self.shards_written += shards
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": round(self.images_per_s, 2),
-                "steady_images_per_s": round(self.steady_images_per_s, 2)}
+        return {
+            **asdict(self),
+            "images_per_s": round(self.images_per_s, 2),
+            "steady_images_per_s": round(self.steady_images_per_s, 2),
+        }
 
     def describe(self) -> str:
         """The final summary the CLI prints."""
         kept = f", {self.shards_kept} complete shard(s) kept from the earlier run" if self.shards_kept else ""
-        out = [f"{self.rows} rows in: {self.computed} predicted -> {self.lines} lines ({self.errors} errors) "
-               f"in {self.shards_written} shard(s){kept}"]
+        out = [
+            f"{self.rows} rows in: {self.computed} predicted -> {self.lines} lines ({self.errors} errors) "
+            f"in {self.shards_written} shard(s){kept}"
+        ]
         if self.computed:
             out.append(f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s")
         if self.computed > self.first_lines:
-            out[-1] += (f" ({self.steady_images_per_s:.1f} images/s after the first "
-                        f"{self.startup_seconds:.1f} s of model start-up)")
-        out.append(f"results: {storage.join(self.result_dir, SHARD_GLOB)} and {MANIFEST}"
-                   + (f", merged into {self.merged}" if self.merged else ""))
+            out[-1] += (
+                f" ({self.steady_images_per_s:.1f} images/s after the first "
+                f"{self.startup_seconds:.1f} s of model start-up)"
+            )
+        out.append(
+            f"results: {storage.join(self.result_dir, SHARD_GLOB)} and {MANIFEST}"
+            + (f", merged into {self.merged}" if self.merged else "")
+        )
         out += [f"  error line: {line}" for line in self.error_examples]
         return "\n".join(out)
 
@@ -476,9 +548,16 @@ class Progress:
             self.last = now
             rate = summary.lines / max(now - self.start, 1e-9)
             eta = (self.total - summary.lines) / rate if rate else float("inf")
-            logger.info("%d/%d rows, %d/%d shards, %d errors, %.1f images/s, ~%.0f s left", summary.lines,
-                        self.total, summary.shards_written + summary.shards_kept, self.shards, summary.errors,
-                        rate, eta)
+            logger.info(
+                "%d/%d rows, %d/%d shards, %d errors, %.1f images/s, ~%.0f s left",
+                summary.lines,
+                self.total,
+                summary.shards_written + summary.shards_kept,
+                self.shards,
+                summary.errors,
+                rate,
+                eta,
+            )
 
 
 def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
@@ -496,12 +575,20 @@ def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
     todo = [s for s in shards if s.index not in keep]
     if keep:
         logger.info("resuming: %d of %d shards already complete", len(keep), len(shards))
-    summary = InferSummary(cfg.result_dir, len(rows), computed=sum(s.stop - s.start for s in todo), lines=0,
-                           errors=0, shards_written=0, shards_kept=len(keep), seconds=0.0)
+    summary = InferSummary(
+        cfg.result_dir,
+        len(rows),
+        computed=sum(s.stop - s.start for s in todo),
+        lines=0,
+        errors=0,
+        shards_written=0,
+        shards_kept=len(keep),
+        seconds=0.0,
+    )
     if todo:
         init_ray(address)
         start = time.perf_counter()  # Ray's own start-up is not the pipeline's speed
-        frame = pd.concat([inputs.frame.iloc[s.start:s.stop] for s in todo], ignore_index=True)
+        frame = pd.concat([inputs.frame.iloc[s.start : s.stop] for s in todo], ignore_index=True)
         _predict_into(frame, inputs, card, cfg, shards, rows, summary)
         summary.seconds = time.perf_counter() - start
     if cfg.merge:
@@ -511,13 +598,27 @@ def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
     return summary
 
 
-def _predict_into(frame: pd.DataFrame, inputs: Inputs, card: ModelCard, cfg: InferConfig, shards: list[Shard],
-                  rows: np.ndarray, summary: InferSummary) -> None:
+def _predict_into(
+    frame: pd.DataFrame,
+    inputs: Inputs,
+    card: ModelCard,
+    cfg: InferConfig,
+    shards: list[Shard],
+    rows: np.ndarray,
+    summary: InferSummary,
+) -> None:
     import ray
 
     pool = plan_pool(cfg)
-    logger.info("predicting %d rows with %d model actor(s) (%g CPU, %g GPU, %d threads each), batch size %d",
-                len(frame), pool.actors, pool.cpus, pool.gpus, pool.threads, cfg.batch_size)
+    logger.info(
+        "predicting %d rows with %d model actor(s) (%g CPU, %g GPU, %d threads each), batch size %d",
+        len(frame),
+        pool.actors,
+        pool.cpus,
+        pool.gpus,
+        pool.threads,
+        cfg.batch_size,
+    )
     writer = ShardWriter(cfg.result_dir, shards, rows, cfg.rows_per_shard)
     progress = Progress(len(frame), len(shards))
     ds = predictions_dataset(frame, inputs.data_root, card, cfg, pool)
@@ -530,5 +631,7 @@ def _predict_into(frame: pd.DataFrame, inputs: Inputs, card: ModelCard, cfg: Inf
             progress.update(summary, written)
     except ray.exceptions.RayError as e:
         last = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise PipelineError(f"inference stopped after {summary.shards_written} shards ({last.strip()}); "
-                            "complete shards are kept: fix the cause and re-run with --resume") from None
+        raise PipelineError(
+            f"inference stopped after {summary.shards_written} shards ({last.strip()}); "
+            "complete shards are kept: fix the cause and re-run with --resume"
+        ) from None

@@ -124,8 +124,9 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, default: float = 0.5
     return out
 
 
-def summary_metrics(probs: np.ndarray, targets: np.ndarray, multilabel: bool,
-                    thresholds: list[float] | None = None) -> dict[str, float]:
+def summary_metrics(
+    probs: np.ndarray, targets: np.ndarray, multilabel: bool, thresholds: list[float] | None = None
+) -> dict[str, float]:
     """The scalar metrics training logs per epoch (no per-class lists)."""
     if multilabel:
         m = multilabel_metrics(probs, targets, thresholds if thresholds is not None else [0.5] * probs.shape[1])

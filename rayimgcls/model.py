@@ -49,8 +49,15 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"model={name!r}: not a timm model{hint}")
 
 
-def create_model(name: str, num_classes: int, image_size: int | None = None, *, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0, model_kwargs: dict | None = None) -> tuple[torch.nn.Module, dict]:
+def create_model(
+    name: str,
+    num_classes: int,
+    image_size: int | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
+    model_kwargs: dict | None = None,
+) -> tuple[torch.nn.Module, dict]:
     """A randomly initialised timm model and the exact kwargs that rebuild it (stored in config.json)."""
     import timm
 
@@ -110,8 +117,12 @@ class ModelCard:
                 raise ModelError(f"{source}: schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             d.pop("schema_version")
             model = d.pop("model")
-            return cls(model_name=model["name"], model_kwargs=model["kwargs"],
-                       preprocess=PreprocessConfig.from_dict(d.pop("preprocess")), **d)
+            return cls(
+                model_name=model["name"],
+                model_kwargs=model["kwargs"],
+                preprocess=PreprocessConfig.from_dict(d.pop("preprocess")),
+                **d,
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelError(f"{source}: not a rayimgcls model config ({type(e).__name__}: {e})") from None
 
@@ -159,8 +170,9 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     return card
 
 
-def load_model_dir(model_dir: str | os.PathLike,
-                   device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
+def load_model_dir(
+    model_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild the model from config.json and load model.safetensors (checked against the card's sha256)."""
     from safetensors.torch import load
 
@@ -197,8 +209,10 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 # Inference
 
-def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None,
-                      input_size: int = 224) -> str:
+
+def resolve_precision(
+    precision: str, device: torch.device, model: torch.nn.Module | None = None, input_size: int = 224
+) -> str:
     """'auto' -> 'bf16' where the hardware runs this model faster in bf16 (and agrees), else 'fp32'.
 
     On CUDA that is any GPU with bf16 support. On a CPU it is measured: forward passes of a small batch in
@@ -248,8 +262,9 @@ class Predictor:
         self.precision = resolve_precision(precision, device, model, card.preprocess.input_size)
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, device: str | None = None,
-                 precision: str | None = None) -> Predictor:
+    def from_dir(
+        cls, model_dir: str | os.PathLike, device: str | None = None, precision: str | None = None
+    ) -> Predictor:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, card = load_model_dir(model_dir, dev)
         return cls(model, card, dev, precision or card.precision)
@@ -294,14 +309,28 @@ def format_prediction(probs: np.ndarray, card: ModelCard, top_k: int = 5) -> dic
     return out
 
 
-def make_untrained_model_dir(out_dir: str | os.PathLike, *, model_name: str = "vit_tiny_patch16_224",
-                             num_classes: int = 4, image_size: int = 32, multilabel: bool = False,
-                             class_names: list[str] | None = None, model_kwargs: dict | None = None,
-                             precision: str = "fp32", seed: int = 0) -> ModelCard:
+def make_untrained_model_dir(
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str = "vit_tiny_patch16_224",
+    num_classes: int = 4,
+    image_size: int = 32,
+    multilabel: bool = False,
+    class_names: list[str] | None = None,
+    model_kwargs: dict | None = None,
+    precision: str = "fp32",
+    seed: int = 0,
+) -> ModelCard:
     """A randomly initialised model directory: what tests and examples use where training is not the point."""
     torch.manual_seed(seed)
     model, kwargs = create_model(model_name, num_classes, image_size, model_kwargs=model_kwargs)
-    card = ModelCard(model_name, kwargs, num_classes, multilabel, class_names or [str(i) for i in range(num_classes)],
-                     PreprocessConfig.from_model(model, image_size), precision=precision)
+    card = ModelCard(
+        model_name,
+        kwargs,
+        num_classes,
+        multilabel,
+        class_names or [str(i) for i in range(num_classes)],
+        PreprocessConfig.from_model(model, image_size),
+        precision=precision,
+    )
     return save_model_dir(model, card, out_dir)
-

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -12,19 +14,54 @@ class ResourceError(RuntimeError):
     """A request for more CPUs or GPUs than the cluster has or can scale to."""
 
 
+# The S3 settings storage.py reads. Workers on other machines need the driver's values: without them they
+# would read and write the default AWS endpoint, or fail to sign their requests.
+S3_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
+
+
+def s3_env_vars() -> dict[str, str]:
+    """The S3 settings of this process (only those that are set)."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+
+
+def with_s3_env(runtime_env: dict | None) -> dict | None:
+    """`runtime_env` plus this process's S3 settings as env_vars (values already in runtime_env win)."""
+    found = s3_env_vars()
+    if not found:
+        return runtime_env
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**found, **(env.get("env_vars") or {})}
+    return env
+
+
 def init_ray(address: str | None = None, *, runtime_env: dict | None = None, quiet: bool = True) -> None:
     """Use the cluster at `address` (or RAY_ADDRESS, or the job's cluster under `ray job submit`), else
-    start a local Ray. A local Ray turns token authentication on; we leave it on."""
+    start a local Ray. A local Ray turns token authentication on; we leave it on.
+
+    Joining a running cluster from outside a job, the driver's S3 settings travel to every worker in the runtime
+    env (a local Ray's workers inherit them anyway). Inside a submitted job the job's runtime env decides: Ray
+    refuses a driver runtime env that sets the same variables again.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    if joining and JOB_CONFIG_ENV not in os.environ:
+        runtime_env = with_s3_env(runtime_env)
     kwargs: dict = {"address": address or None, "runtime_env": runtime_env}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     ray.init(**kwargs)
-    logger.info("Ray %s: %s", "connected" if (address or os.environ.get("RAY_ADDRESS")) else "started locally",
-                ray.cluster_resources())
+    logger.info("Ray %s: %s", "connected" if joining else "started locally", ray.cluster_resources())
 
 
 def max_resources() -> dict[str, float]:
@@ -56,3 +93,31 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def job_runtime_env(path: str) -> dict:
+    """A runtime env file (YAML or JSON) with this shell's S3 settings added: what `jobs/submit.sh` hands to
+    `ray job submit`, so workers reach the same S3 endpoint with the same credentials as the client."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping (working_dir, env_vars, ...), not {type(loaded).__name__}")
+    return with_s3_env(loaded) or loaded
+
+
+def main(argv: list[str]) -> None:
+    """`python -m rayimgcls.runtime RUNTIME_ENV.yaml`: print the runtime env, S3 settings added, as JSON."""
+    import yaml
+
+    if len(argv) != 1:
+        sys.exit("usage: python -m rayimgcls.runtime RUNTIME_ENV.yaml")
+    try:
+        print(json.dumps(job_runtime_env(argv[0])))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        sys.exit(f"error: runtime env {argv[0]}: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

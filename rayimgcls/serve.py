@@ -58,13 +58,25 @@ READY_PROBE_S = 2.0  # how long /v2/health/ready waits for a model replica befor
 
 # Every error code and its status (DESIGN.md §6); clients branch on `code`, people read `error`.
 ERROR_STATUS: dict[str, int] = {
-    "empty_body": 400, "malformed_json": 400, "malformed_multipart": 400, "invalid_request": 400,
-    "bad_base64": 400, "bad_top_k": 400, "too_many_images": 400, "empty_image": 400,
-    "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
+    "empty_body": 400,
+    "malformed_json": 400,
+    "malformed_multipart": 400,
+    "invalid_request": 400,
+    "bad_base64": 400,
+    "bad_top_k": 400,
+    "too_many_images": 400,
+    "empty_image": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
     "body_too_large": 413,
-    "unsupported_media_type": 415, "unsupported_format": 415,
-    "undecodable": 422, "truncated": 422, "too_many_pixels": 422,
-    "internal": 500, "not_ready": 503,
+    "unsupported_media_type": 415,
+    "unsupported_format": 415,
+    "undecodable": 422,
+    "truncated": 422,
+    "too_many_pixels": 422,
+    "internal": 500,
+    "not_ready": 503,
 }
 _IMAGE_CODES = {"empty": "empty_image"}  # ImageError codes renamed for HTTP; the others keep their names
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -89,6 +101,7 @@ class ApiError(Exception):
 
 # ---------------------------------------------------------------------------------------------------------
 # Request parsing: bytes on the wire -> image bytes in request order (no Ray, no model)
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, counted as it arrives: Content-Length is only trusted to refuse early, and a body that
@@ -153,18 +166,28 @@ async def form_images(request: Request, body: bytes) -> tuple[list[bytes], Any]:
         elif name == "top_k":
             top_k = value
         else:
-            raise ApiError("invalid_request", f"form field {name!r} is not a file: send images as file parts "
-                                              "(curl -F file=@photo.jpg); the only text field is top_k")
+            raise ApiError(
+                "invalid_request",
+                f"form field {name!r} is not a file: send images as file parts "
+                "(curl -F file=@photo.jpg); the only text field is top_k",
+            )
     return images, top_k
 
 
 async def read_images(request: Request, limits: ServeConfig) -> tuple[list[bytes], Any]:
     """Dispatch on the content type, read the body within the byte limit -> (image bytes, raw top_k)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in ("multipart/form-data", "application/json", "application/octet-stream", "") \
-            and not media_type.startswith("image/"):
-        raise ApiError("unsupported_media_type", f"content type {media_type!r} is not taken: send image/* "
-                       f"bytes, multipart/form-data files or application/json {JSON_FORM}")
+    if media_type not in (
+        "multipart/form-data",
+        "application/json",
+        "application/octet-stream",
+        "",
+    ) and not media_type.startswith("image/"):
+        raise ApiError(
+            "unsupported_media_type",
+            f"content type {media_type!r} is not taken: send image/* "
+            f"bytes, multipart/form-data files or application/json {JSON_FORM}",
+        )
     body = await read_body(request, limits.max_body_bytes)
     if not body:
         raise ApiError("empty_body", "empty request body: send an image, a multipart form or JSON")
@@ -209,14 +232,24 @@ def decode_all(images: list[bytes], pre: PreprocessConfig) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 # Deployments
 
+
 @serve.deployment
 class ModelServer:
     """A model replica. Serve routes nothing here until __init__ returns, and __init__ loads the weights and
     runs a warm-up batch, so a replica that answers is ready. `predict(image)` takes one image per call;
     `@serve.batch` collects concurrent calls into one `run_batch`, whose sizes are counted for `stats`."""
 
-    def __init__(self, model_dir: str, *, use_gpu: bool, precision: str | None, torch_threads: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, max_concurrent_batches: int) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        use_gpu: bool,
+        precision: str | None,
+        torch_threads: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_concurrent_batches: int,
+    ) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -227,8 +260,11 @@ class ModelServer:
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
         # Applied here rather than as a decorator: all three settings come from the configuration.
-        self.predict = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                                   max_concurrent_batches=max_concurrent_batches)(self.run_batch)
+        self.predict = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            max_concurrent_batches=max_concurrent_batches,
+        )(self.run_batch)
 
     async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.batch_sizes[len(images)] += 1
@@ -274,8 +310,11 @@ class Ingress:
         k = parse_top_k(top_k if body_top_k is None else body_top_k, self.card.num_classes)
         arrays = await asyncio.to_thread(decode_all, images, self.pre)
         probs = await asyncio.gather(*(self.model.predict.remote(a) for a in arrays))
-        return {"model": self.card.model_name, "version": self.card.version,
-                "results": [format_prediction(p, self.card, k) for p in probs]}
+        return {
+            "model": self.card.model_name,
+            "version": self.card.version,
+            "results": [format_prediction(p, self.card, k) for p in probs],
+        }
 
     async def is_ready(self) -> bool:
         if not self.ready:
@@ -289,15 +328,26 @@ class Ingress:
     def metadata(self) -> dict[str, Any]:
         card, cfg = self.card, self.cfg
         return {
-            "name": card.model_name, "version": card.version, "rayimgcls": __version__,
-            "image_size": card.preprocess.input_size, "num_classes": card.num_classes,
-            "class_names": card.class_names, "multilabel": card.multilabel,
-            "thresholds": card.thresholds if card.multilabel else None, "precision": card.precision,
-            "preprocess": card.preprocess.to_dict(), "default_top_k": min(5, card.num_classes),
-            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-                       "max_images": cfg.max_images, "accepted_formats": list(ACCEPTED_FORMATS)},
-            "batching": {k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s",
-                                                       "max_concurrent_batches")},
+            "name": card.model_name,
+            "version": card.version,
+            "rayimgcls": __version__,
+            "image_size": card.preprocess.input_size,
+            "num_classes": card.num_classes,
+            "class_names": card.class_names,
+            "multilabel": card.multilabel,
+            "thresholds": card.thresholds if card.multilabel else None,
+            "precision": card.precision,
+            "preprocess": card.preprocess.to_dict(),
+            "default_top_k": min(5, card.num_classes),
+            "limits": {
+                "max_body_bytes": cfg.max_body_bytes,
+                "max_pixels": cfg.max_pixels,
+                "max_images": cfg.max_images,
+                "accepted_formats": list(ACCEPTED_FORMATS),
+            },
+            "batching": {
+                k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_concurrent_batches")
+            },
             "autoscaling": autoscaling_config(cfg),
         }
 
@@ -305,10 +355,17 @@ class Ingress:
 # ---------------------------------------------------------------------------------------------------------
 # The FastAPI app, built per ingress replica (it closes over the replica's settings and API key)
 
+
 def create_api(ingress: Ingress) -> FastAPI:
     """Routes of DESIGN.md §6. Every route but liveness needs the API key when one is set, /docs included."""
-    api = FastAPI(title="rayimgcls", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
-                  description="Image classification. Errors are {\"error\": message, \"code\": code}.")
+    api = FastAPI(
+        title="rayimgcls",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        description='Image classification. Errors are {"error": message, "code": code}.',
+    )
     key = ingress.api_key
     bearer = HTTPBearer(auto_error=False, description=f"The server's API key (--api-key or {API_KEY_ENV})")
 
@@ -317,8 +374,11 @@ def create_api(ingress: Ingress) -> FastAPI:
             raise ApiError("unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     router = APIRouter(dependencies=[Depends(authorize)] if key else [])
-    errors = {status: {"description": ", ".join(c for c, s in ERROR_STATUS.items() if s == status)}
-              for status in (400, 401, 413, 415, 422) if key or status != 401}
+    errors = {
+        status: {"description": ", ".join(c for c, s in ERROR_STATUS.items() if s == status)}
+        for status in (400, 401, 413, 415, 422)
+        if key or status != 401
+    }
 
     @api.get("/v2/health/live", tags=["health"])
     def live() -> dict[str, str]:
@@ -353,24 +413,46 @@ def create_api(ingress: Ingress) -> FastAPI:
 
     @router.get("/docs", include_in_schema=False)
     def docs(request: Request) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
-                                   title="rayimgcls API")
+        return get_swagger_ui_html(
+            openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="rayimgcls API"
+        )
 
     api.include_router(router)
     _add_error_handlers(api)
     return api
 
 
-_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "top_k": {"type": "integer"}}}},
-    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "object", "properties": {"b64": {"type": "string"}}}},
-        "top_k": {"type": "integer"}}}},
-}}}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "object", "properties": {"b64": {"type": "string"}}},
+                        },
+                        "top_k": {"type": "integer"},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _add_error_handlers(api: FastAPI) -> None:
@@ -400,14 +482,19 @@ def _add_error_handlers(api: FastAPI) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Building and running the application
 
+
 def autoscaling_config(cfg: ServeConfig) -> dict[str, Any]:
     """Serve's autoscaling_config for the model deployment (current key names only: Serve ignores unknown
     ones silently)."""
-    return {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-            "initial_replicas": max(1, cfg.min_replicas),
-            "target_ongoing_requests": cfg.target_ongoing_requests,
-            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
-            "look_back_period_s": cfg.look_back_period_s}
+    return {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "initial_replicas": max(1, cfg.min_replicas),
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
 
 
 def build(cfg: ServeConfig) -> serve.Application:
@@ -415,15 +502,22 @@ def build(cfg: ServeConfig) -> serve.Application:
     read_card(cfg.model_dir)  # a wrong model_dir fails here, not in a loop of crashing replicas
     _check_cluster(cfg)
     model = ModelServer.options(
-        autoscaling_config=autoscaling_config(cfg), max_ongoing_requests=cfg.ongoing_requests_limit,
+        autoscaling_config=autoscaling_config(cfg),
+        max_ongoing_requests=cfg.ongoing_requests_limit,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
         logging_config={"enable_access_log": False},  # a line per image is noise: the ingress logs requests
-    ).bind(cfg.model_dir, use_gpu=cfg.use_gpu, precision=cfg.precision,
-           torch_threads=cfg.torch_threads or max(1, math.floor(cfg.num_cpus)),
-           max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-           max_concurrent_batches=cfg.max_concurrent_batches)
+    ).bind(
+        cfg.model_dir,
+        use_gpu=cfg.use_gpu,
+        precision=cfg.precision,
+        torch_threads=cfg.torch_threads or max(1, math.floor(cfg.num_cpus)),
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        max_concurrent_batches=cfg.max_concurrent_batches,
+    )
     return Ingress.options(
-        num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ongoing_requests_limit,
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.ongoing_requests_limit,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
     ).bind(model, cfg)
 
@@ -436,8 +530,11 @@ def _check_cluster(cfg: ServeConfig) -> None:
 
     if ray.is_initialized():
         replicas = max(1, cfg.min_replicas)
-        check_resources("serve", cpus=cfg.num_cpus * replicas + cfg.ingress_num_cpus * cfg.ingress_replicas,
-                        gpus=replicas if cfg.use_gpu else 0)
+        check_resources(
+            "serve",
+            cpus=cfg.num_cpus * replicas + cfg.ingress_num_cpus * cfg.ingress_replicas,
+            gpus=replicas if cfg.use_gpu else 0,
+        )
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -454,8 +551,10 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if not os.environ.get(MODEL_DIR_ENV):
-        raise ConfigError(f"rayimgcls.serve:app needs {MODEL_DIR_ENV}=<model directory> in the environment "
-                          "(or use the builder: rayimgcls.serve:build_app model_dir=...)")
+        raise ConfigError(
+            f"rayimgcls.serve:app needs {MODEL_DIR_ENV}=<model directory> in the environment "
+            "(or use the builder: rayimgcls.serve:build_app model_dir=...)"
+        )
     return build_app({"model_dir": os.environ[MODEL_DIR_ENV]})
 
 

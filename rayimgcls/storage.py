@@ -7,6 +7,7 @@ AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which pyarrow reads it
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from collections.abc import Iterable
@@ -28,14 +29,48 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    if path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        # pyarrow ignores AWS_ENDPOINT_URL in some versions; pass it explicitly so MinIO/moto/Ceph work.
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
-                               region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
-        return fs, path[len("s3://"):].rstrip("/")
+    if path.startswith("s3://"):
+        return s3_filesystem(path), path[len("s3://") :].rstrip("/")
     fs, inner = pafs.FileSystem.from_uri(path)
     return fs, inner.rstrip("/")
+
+
+def s3_filesystem(uri: str) -> pafs.S3FileSystem:
+    """The S3 filesystem of an s3:// URI, configured from the standard AWS variables.
+
+    The endpoint comes from AWS_ENDPOINT_URL (MinIO, Ceph, moto): a plain `S3FileSystem()` ignores that variable.
+    The region comes from AWS_DEFAULT_REGION / AWS_REGION, else from the bucket itself (looked up once).
+    `allow_delayed_open` sends an object smaller than one upload part (every file rayimgcls writes except large
+    weights) as one PUT when it is closed, instead of a three-request multipart upload opened before any byte is
+    written; errors still surface, at close.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if endpoint:
+        return pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            scheme="https" if endpoint.startswith("https") else "http",
+            region=region or "us-east-1",
+            allow_delayed_open=True,
+        )
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    return pafs.S3FileSystem(region=region or _bucket_region(bucket), allow_delayed_open=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    return pafs.resolve_s3_region(bucket)
+
+
+def train_storage(path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig. Left to itself Ray resolves a URI with
+    `FileSystem.from_uri`, which some pyarrow versions build without AWS_ENDPOINT_URL, and never with the options
+    above; so a URI travels as our filesystem plus the path within it, and checkpoints go where every other file
+    of the run goes. A local path stays as it is, for Ray to handle."""
+    if not is_uri(path):
+        return str(path), None
+    fs, inner = filesystem(path)
+    return inner, fs
 
 
 def join(root: str | os.PathLike, *parts: str) -> str:

@@ -22,7 +22,16 @@ from PIL import Image, ImageDraw
 
 # Ordered from most to least distinct at low resolution: the first `num_classes` are used.
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "cross", "star", "ring", "arrow", "hexagon", "tee", "crescent",
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "star",
+    "ring",
+    "arrow",
+    "hexagon",
+    "tee",
+    "crescent",
 )
 SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 CSV_COLUMNS: tuple[str, ...] = ("image_path", "label", "subset", "metadata")
@@ -77,8 +86,9 @@ def shape_polygons(name: str) -> list[np.ndarray]:
         outer = regular(6)
     elif name == "cross":
         a, b = 1.0, 0.34
-        outer = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
-                          [-a, b], [-a, -b], [-b, -b]])
+        outer = np.array(
+            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]
+        )
     elif name == "star":
         t = -math.pi / 2 + math.pi * np.arange(10) / 5
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
@@ -90,8 +100,7 @@ def shape_polygons(name: str) -> list[np.ndarray]:
     elif name == "arrow":
         outer = np.array([[-1, -0.3], [0.2, -0.3], [0.2, -0.75], [1, 0], [0.2, 0.75], [0.2, 0.3], [-1, 0.3]])
     elif name == "tee":
-        outer = np.array([[-1, -1], [1, -1], [1, -0.45], [0.3, -0.45], [0.3, 1], [-0.3, 1], [-0.3, -0.45],
-                          [-1, -0.45]])
+        outer = np.array([[-1, -1], [1, -1], [1, -0.45], [0.3, -0.45], [0.3, 1], [-0.3, 1], [-0.3, -0.45], [-1, -0.45]])
     else:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     area = _polygon_area(outer) - sum(_polygon_area(h) for h in holes)
@@ -157,8 +166,14 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def _draw_shape(img: Image.Image, rng: np.random.Generator, name: str, centre: tuple[float, float],
-                radius: float, max_rotation: float) -> None:
+def _draw_shape(
+    img: Image.Image,
+    rng: np.random.Generator,
+    name: str,
+    centre: tuple[float, float],
+    radius: float,
+    max_rotation: float,
+) -> None:
     """Draw `name` turned by up to +-max_rotation degrees, with area radius**2, on `img` (supersampled)."""
     polys = shape_polygons(name)
     theta = rng.uniform(-1, 1) * math.radians(max_rotation)
@@ -175,8 +190,9 @@ def _draw_shape(img: Image.Image, rng: np.random.Generator, name: str, centre: t
     img.paste(Image.new("RGB", (span, span), colour), box, mask)
 
 
-def render_image(rng: np.random.Generator, labels: Sequence[int], size: tuple[int, int],
-                 max_rotation: float = 20.0) -> Image.Image:
+def render_image(
+    rng: np.random.Generator, labels: Sequence[int], size: tuple[int, int], max_rotation: float = 20.0
+) -> Image.Image:
     """One image holding a shape per label, inside the central square so a centre crop keeps them all."""
     w, h = size
     img = Image.fromarray(_background(rng, w, h))
@@ -230,8 +246,7 @@ def _encode(img: Image.Image, rng: np.random.Generator, cfg: SynthConfig) -> tup
     return buf.getvalue(), "jpg", ""
 
 
-def _assign_subsets(labels: list[list[int]], split: tuple[float, float, float],
-                    rng: np.random.Generator) -> list[str]:
+def _assign_subsets(labels: list[list[int]], split: tuple[float, float, float], rng: np.random.Generator) -> list[str]:
     """Split each class (its first label) by the ratios, so every subset sees every class."""
     subsets = [""] * len(labels)
     by_class: dict[int, list[int]] = {}
@@ -280,8 +295,9 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def make_photo_jpegs(out_dir: str | Path, count: int, size: tuple[int, int], seed: int = 0,
-                     quality: int = 90) -> list[Path]:
+def make_photo_jpegs(
+    out_dir: str | Path, count: int, size: tuple[int, int], seed: int = 0, quality: int = 90
+) -> list[Path]:
     """Photo-sized JPEGs (e.g. 500x375, 1600x1200) for the decode benchmarks; reuses existing files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,10 @@ def check_resume(cfg: TrainConfig) -> str:
     stored = yaml.safe_load(storage.read_text(path))
     changes = diff(stored, cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
     if changes:
-        raise ConfigError(f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
-                          "--run-name, or the same settings to resume. Differences:\n  " + "\n  ".join(changes))
+        raise ConfigError(
+            f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
+            "--run-name, or the same settings to resume. Differences:\n  " + "\n  ".join(changes)
+        )
     summary_path = storage.join(run_dir(cfg), SUMMARY_FILE)
     if storage.exists(summary_path):
         summary = json.loads(storage.read_text(summary_path))
@@ -101,8 +103,10 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     labels, problems = check_rows(df, LABELS_CSV, classes.num_classes, cfg.multilabel, flag_duplicates=False)
     largest = max((max(ls) for ls in raw if ls), default=-1)
     if cfg.num_intended_classes is not None and largest >= cfg.num_intended_classes:
-        raise ConfigError(f"num_intended_classes={cfg.num_intended_classes}: the data has labels up to {largest} "
-                          f"(allowed {largest + 1}..1000)")
+        raise ConfigError(
+            f"num_intended_classes={cfg.num_intended_classes}: the data has labels up to {largest} "
+            f"(allowed {largest + 1}..1000)"
+        )
     if problems and not cfg.skip_bad_rows:
         raise DatasetError(problems, "\n(--skip-bad-rows skips such rows and records them in skipped_rows.csv)")
     bad_lines = {p.line for p in problems}
@@ -129,12 +133,17 @@ def worker_cpus(cfg: TrainConfig) -> float:
 
 def check_cluster(cfg: TrainConfig, cpus: float) -> None:
     total = max_resources().get("CPU", 0.0)
-    check_resources(f"training with {cfg.num_workers} worker(s)", cpus=cfg.num_workers * cpus,
-                    gpus=cfg.num_workers if cfg.use_gpu else 0)
+    check_resources(
+        f"training with {cfg.num_workers} worker(s)",
+        cpus=cfg.num_workers * cpus,
+        gpus=cfg.num_workers if cfg.use_gpu else 0,
+    )
     if cfg.num_workers * cpus > total - 0.5:
-        raise ResourceError(f"{cfg.num_workers} worker(s) x {cpus:g} CPU = {cfg.num_workers * cpus:g} of the "
-                            f"cluster's {total:g} CPUs leaves Ray Data none to decode images (the run would hang); "
-                            "lower --cpus-per-worker or --num-workers")
+        raise ResourceError(
+            f"{cfg.num_workers} worker(s) x {cpus:g} CPU = {cfg.num_workers * cpus:g} of the "
+            f"cluster's {total:g} CPUs leaves Ray Data none to decode images (the run would hang); "
+            "lower --cpus-per-worker or --num-workers"
+        )
 
 
 def record_skipped(cfg: TrainConfig, data: PreparedData) -> None:
@@ -147,8 +156,12 @@ def record_skipped(cfg: TrainConfig, data: PreparedData) -> None:
     data.train = data.train[~data.train["row"].isin(bad)]
     data.validation = data.validation[~data.validation["row"].isin(bad)]
     if data.skipped:
-        table = pd.DataFrame([{"line": p.line, "image_path": p.path or "", "reason": f"{p.code}: {p.message}"}
-                              for p in sorted(data.skipped, key=lambda p: p.line or 0)])
+        table = pd.DataFrame(
+            [
+                {"line": p.line, "image_path": p.path or "", "reason": f"{p.code}: {p.message}"}
+                for p in sorted(data.skipped, key=lambda p: p.line or 0)
+            ]
+        )
         storage.write_text(storage.join(run_dir(cfg), SKIPPED_FILE), table.to_csv(index=False))
         logger.warning("skipped %d bad row(s); see %s", len(table), storage.join(run_dir(cfg), SKIPPED_FILE))
 
@@ -157,8 +170,14 @@ def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessC
     """The exact timm kwargs and the preprocessing of the model (built on the meta device: no memory)."""
     check_model_name(cfg.model)
     with torch.device("meta"):
-        model, kwargs = create_model(cfg.model, num_classes, cfg.image_size, dropout_rate=cfg.dropout_rate,
-                                     attention_dropout_rate=cfg.attention_dropout_rate, model_kwargs=cfg.model_kwargs)
+        model, kwargs = create_model(
+            cfg.model,
+            num_classes,
+            cfg.image_size,
+            dropout_rate=cfg.dropout_rate,
+            attention_dropout_rate=cfg.attention_dropout_rate,
+            model_kwargs=cfg.model_kwargs,
+        )
     return kwargs, PreprocessConfig.from_model(model, cfg.image_size)
 
 
@@ -173,8 +192,10 @@ def pretrained_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     try:
         return timm.create_model(cfg.pretrained, pretrained=True).state_dict()
     except Exception as e:  # noqa: BLE001 - no hub, unknown name, no network: say which
-        raise ModelError(f"pretrained={cfg.pretrained!r}: not a local file, and loading it from the hub failed "
-                         f"({type(e).__name__}: {e})") from None
+        raise ModelError(
+            f"pretrained={cfg.pretrained!r}: not a local file, and loading it from the hub failed "
+            f"({type(e).__name__}: {e})"
+        ) from None
 
 
 def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, cpus: float):
@@ -186,8 +207,9 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre:
     from rayimgcls.data import DecodeSpec, image_dataset
 
     DataContext.get_current().enable_progress_bars = False  # travels with the datasets to the workers
-    augment = Augment(cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter,
-                      cfg.randaugment)
+    augment = Augment(
+        cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment
+    )
     spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment, data.classes.num_classes, cfg.multilabel)
     datasets = {"train": image_dataset(data.train, spec, shuffle_blocks=True).select_columns(["image", "label"])}
     if len(data.validation):
@@ -197,22 +219,39 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre:
             validation = validation.materialize()  # deterministic: decode once, not every epoch
         datasets["validation"] = validation
     state = pretrained_state(cfg)
-    ctx = LoopContext(cfg=dataclasses.asdict(cfg), num_classes=data.classes.num_classes,
-                      class_names=data.classes.names, preprocess=pre.to_dict(), model_kwargs=model_kwargs,
-                      steps_per_epoch=steps_per_epoch(cfg, len(data.train)),
-                      run_dir=run_dir(cfg), has_validation=bool(len(data.validation)),
-                      pretrained_state=ray.put(state) if state is not None else None)
+    ctx = LoopContext(
+        cfg=dataclasses.asdict(cfg),
+        num_classes=data.classes.num_classes,
+        class_names=data.classes.names,
+        preprocess=pre.to_dict(),
+        model_kwargs=model_kwargs,
+        steps_per_epoch=steps_per_epoch(cfg, len(data.train)),
+        run_dir=run_dir(cfg),
+        has_validation=bool(len(data.validation)),
+        pretrained_state=ray.put(state) if state is not None else None,
+    )
     metric = cfg.metric if len(data.validation) else None
+    storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
     return TorchTrainer(
         train_loop,
         train_loop_config={"ctx": ctx, "torch_threads": cfg.torch_threads or max(1, int(cpus))},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.storage_path, logging_config=LoggingConfig(log_level="WARNING"),
+            name=cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=metric,
-                                               checkpoint_score_order="min" if metric == "val_loss" else "max")),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.num_to_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order="min" if metric == "val_loss" else "max",
+            ),
+        ),
         datasets=datasets,
         # Only train is split: rank 0 scores the whole validation subset, so every row counts once.
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -225,8 +264,10 @@ def steps_per_epoch(cfg: TrainConfig, train_rows: int) -> int:
     per_worker = cfg.batch_size // cfg.num_workers
     steps = (train_rows // cfg.num_workers) // per_worker
     if steps == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size}: the train subset has {train_rows} rows, fewer than "
-                          f"one batch of {per_worker} per worker ({cfg.num_workers} workers)")
+        raise ConfigError(
+            f"batch_size={cfg.batch_size}: the train subset has {train_rows} rows, fewer than "
+            f"one batch of {per_worker} per worker ({cfg.num_workers} workers)"
+        )
     return steps
 
 
@@ -262,8 +303,15 @@ def best_checkpoint(result, cfg: TrainConfig, has_validation: bool):
     return result.checkpoint, (result.metrics or {})
 
 
-def export(cfg: TrainConfig, checkpoint, metrics: dict, data_classes: ClassInfo, model_kwargs: dict,
-           pre: PreprocessConfig, summary: dict) -> str:
+def export(
+    cfg: TrainConfig,
+    checkpoint,
+    metrics: dict,
+    data_classes: ClassInfo,
+    model_kwargs: dict,
+    pre: PreprocessConfig,
+    summary: dict,
+) -> str:
     """Write the best checkpoint as the model directory (DESIGN §4)."""
     out = cfg.output_dir or storage.join(run_dir(cfg), "model")
     with checkpoint.as_directory() as d:
@@ -271,9 +319,16 @@ def export(cfg: TrainConfig, checkpoint, metrics: dict, data_classes: ClassInfo,
         epoch = load_train_state(d)["epoch"]
     model, _ = create_model(cfg.model, data_classes.num_classes, model_kwargs=model_kwargs)
     model.load_state_dict(weights)
-    card = ModelCard(cfg.model, model_kwargs, data_classes.num_classes, cfg.multilabel, data_classes.names, pre,
-                     precision=cfg.precision,
-                     training={**summary, "exported_epoch": epoch, "exported_metrics": metrics})
+    card = ModelCard(
+        cfg.model,
+        model_kwargs,
+        data_classes.num_classes,
+        cfg.multilabel,
+        data_classes.names,
+        pre,
+        precision=cfg.precision,
+        training={**summary, "exported_epoch": epoch, "exported_metrics": metrics},
+    )
     save_model_dir(model, card, out)
     return out
 
@@ -286,6 +341,8 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     state = check_resume(cfg)
     data = prepare_data(cfg)
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
+    if state == "complete":
+        return reexport(cfg, data, model_kwargs, pre)
     init_ray(address)
     cpus = worker_cpus(cfg)
     check_cluster(cfg, cpus)
@@ -294,10 +351,6 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         storage.write_text(storage.join(run_dir(cfg), CONFIG_FILE), to_yaml(cfg))
     if cfg.skip_bad_rows:
         record_skipped(cfg, data)
-    if state == "complete":
-        print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again",
-              flush=True)
-        return finish(cfg, data, model_kwargs, pre, started=time.time(), result=_load_result(cfg))
     if state == "resume":
         print(f"resuming run {cfg.run_name} from {run_dir(cfg)}", flush=True)
     trainer = build_trainer(cfg, data, model_kwargs, pre, cpus)
@@ -311,25 +364,49 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     return finish(cfg, data, model_kwargs, pre, started, result)
 
 
+def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
+    """A finished run: export its best checkpoint again (to a new --output-dir, say). Nothing trains, so Ray is
+    not started, and the summary keeps the figures of the run; only model_dir changes."""
+    print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again", flush=True)
+    summary_path = storage.join(run_dir(cfg), SUMMARY_FILE)
+    summary = json.loads(storage.read_text(summary_path))
+    checkpoint, best = best_checkpoint(_load_result(cfg), cfg, bool(len(data.validation)))
+    summary["model_dir"] = export(
+        cfg, checkpoint, best, data.classes, model_kwargs, pre, {k: v for k, v in summary.items() if k != "model_dir"}
+    )
+    storage.write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    print(f"model directory: {summary['model_dir']}", flush=True)
+    return summary
+
+
 def _load_result(cfg: TrainConfig):
     from ray.train import Result
 
-    return Result.from_path(run_dir(cfg))
+    path, filesystem = storage.train_storage(run_dir(cfg))
+    return Result.from_path(path, storage_filesystem=filesystem)
 
 
-def finish(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, started: float,
-           result) -> dict:
+def finish(
+    cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, started: float, result
+) -> dict:
     """Export the best checkpoint, write summary.json and curves.png, print the summary table."""
     lines = _metrics_lines(cfg)
     epochs = [x for x in lines if x["type"] == "epoch"]
     steps = [x for x in lines if x["type"] == "step"]
     checkpoint, best = best_checkpoint(result, cfg, bool(len(data.validation)))
     summary = {
-        "run_name": cfg.run_name, "completed": True, "epochs": cfg.num_epochs,
-        "steps": epochs[-1]["step"] if epochs else 0, "metric": cfg.metric,
-        "best_epoch": best.get("epoch"), "best": {k: v for k, v in best.items() if isinstance(v, float | int)},
-        "final": epochs[-1] if epochs else {}, "num_classes": data.classes.num_classes,
-        "num_train": len(data.train), "num_validation": len(data.validation), "skipped_rows": len(data.skipped),
+        "run_name": cfg.run_name,
+        "completed": True,
+        "epochs": cfg.num_epochs,
+        "steps": epochs[-1]["step"] if epochs else 0,
+        "metric": cfg.metric,
+        "best_epoch": best.get("epoch"),
+        "best": {k: v for k, v in best.items() if isinstance(v, float | int)},
+        "final": epochs[-1] if epochs else {},
+        "num_classes": data.classes.num_classes,
+        "num_train": len(data.train),
+        "num_validation": len(data.validation),
+        "skipped_rows": len(data.skipped),
         "images_per_s": round(sum(x["images_per_s"] for x in steps) / len(steps), 1) if steps else None,
         "seconds": round(time.time() - started, 1),
     }
@@ -349,8 +426,11 @@ def _metrics_lines(cfg: TrainConfig) -> list[dict]:
 
 
 def summary_table(epochs: list[dict], metric: str) -> str:
-    cols = [c for c in ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micro_f1") if
-            any(c in e for e in epochs)]
+    cols = [
+        c
+        for c in ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micro_f1")
+        if any(c in e for e in epochs)
+    ]
     head = "epoch  " + "  ".join(f"{c:>10}" for c in cols)
     rows = [f"{e['epoch']:>5}  " + "  ".join(f"{e.get(c, float('nan')):>10.4f}" for c in cols) for e in epochs]
     return "\n".join([head, *rows, f"(checkpoints ranked by {metric})"])
@@ -374,11 +454,12 @@ def plot_curves(lines: list[dict]) -> bytes:
     axes[1].plot([x["step"] for x in steps], [x["lr"] for x in steps])
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("learning rate")
-    for key in ("top1", "top5", "macro_f1", "map", "micro_f1"):
-        if any(key in e for e in epochs):
-            axes[2].plot([e["epoch"] for e in epochs], [e.get(key) for e in epochs], "o-", label=key)
+    shown = [key for key in ("top1", "top5", "macro_f1", "map", "micro_f1") if any(key in e for e in epochs)]
+    for key in shown:
+        axes[2].plot([e["epoch"] for e in epochs], [e.get(key) for e in epochs], "o-", label=key)
     axes[2].set_xlabel("epoch")
-    axes[2].legend()
+    if shown:  # no validation subset, no validation metrics
+        axes[2].legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)

@@ -75,16 +75,31 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:04d}"
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, global_step: int,
-                    metrics: dict) -> None:
+def save_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    global_step: int,
+    metrics: dict,
+) -> None:
     """Weights as safetensors, the rest as a torch file that loads with weights_only=True."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(path, WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "global_step": global_step, "metrics": metrics}, os.path.join(path, TRAIN_STATE_FILE))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(path, WEIGHTS_FILE)
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "metrics": metrics,
+        },
+        os.path.join(path, TRAIN_STATE_FILE),
+    )
 
 
 def load_train_state(path: str) -> dict:
@@ -113,16 +128,18 @@ class MetricsLog:
         storage.write_text(self.path, "".join(json.dumps(x) + "\n" for x in self.lines))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
     """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=total_steps)
     return optimizer, scheduler
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.OneCycleLR) -> tuple[int, int]:
+def restore(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.OneCycleLR
+) -> tuple[int, int]:
     """Load the latest checkpoint if Ray Train has one; return (epochs done, global step)."""
     import ray.train
 
@@ -155,7 +172,8 @@ def load_transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
             logger.info("checkpoint_filter_fn of %s did not apply (%s)", type(model).__name__, e)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(usable, strict=True)
+    # strict=False because the skipped tensors are missing on purpose; unexpected keys were filtered above
+    model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
 
 
@@ -216,9 +234,13 @@ def train_loop(config: dict) -> None:
         model.train()
         epoch_loss, steps, window = 0.0, 0, _Window()
         shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=max(4 * batch_size, 256),
-                                           dtypes={"image": torch.uint8, "label": _label_dtype(cfg)})
+        batches = shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=max(4 * batch_size, 256),
+            dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
+        )
         for wait, batch in timed(iter(batches)):
             if steps == ctx.steps_per_epoch:
                 break  # equal shards make this rare; never step the schedule past its end
@@ -238,10 +260,19 @@ def train_loop(config: dict) -> None:
             if log is not None and global_step % cfg.logging_steps == 0:
                 rate, wait_frac = window.flush()
                 lr = scheduler.get_last_lr()[0]
-                log.add(type="step", epoch=epoch + 1, step=global_step, loss=round(loss.item(), 6), lr=lr,
-                        images_per_s=round(rate, 1), data_wait=round(wait_frac, 4))
-                say(f"epoch {epoch + 1}/{cfg.num_epochs} step {global_step}/{cfg.num_epochs * ctx.steps_per_epoch}"
-                    f" loss {loss.item():.4f} lr {lr:.3g} {rate:.0f} img/s data-wait {100 * wait_frac:.1f}%")
+                log.add(
+                    type="step",
+                    epoch=epoch + 1,
+                    step=global_step,
+                    loss=round(loss.item(), 6),
+                    lr=lr,
+                    images_per_s=round(rate, 1),
+                    data_wait=round(wait_frac, 4),
+                )
+                say(
+                    f"epoch {epoch + 1}/{cfg.num_epochs} step {global_step}/{cfg.num_epochs * ctx.steps_per_epoch}"
+                    f" loss {loss.item():.4f} lr {lr:.3g} {rate:.0f} img/s data-wait {100 * wait_frac:.1f}%"
+                )
         metrics = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}
         if ctx.has_validation and rank == 0:
             metrics.update(evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp))
@@ -277,23 +308,31 @@ def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+        )
         return SoftTargetCrossEntropy(), mixup
     return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), None
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pre: PreprocessConfig, cfg: TrainConfig, num_classes: int,
-             device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    pre: PreprocessConfig,
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> dict[str, float]:
     """Loss and metrics over the whole validation subset (rank 0 only: it is not split between workers)."""
     import ray.train
 
     model.eval()
     probs, targets, loss_sum = [], [], 0.0
     shard = ray.train.get_dataset_shard("validation")
-    for batch in shard.iter_torch_batches(batch_size=max(cfg.batch_size, 64), device=device,
-                                          dtypes={"image": torch.uint8, "label": _label_dtype(cfg)}):
+    for batch in shard.iter_torch_batches(
+        batch_size=max(cfg.batch_size, 64), device=device, dtypes={"image": torch.uint8, "label": _label_dtype(cfg)}
+    ):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(normalize(batch["image"], pre)).float()
         y = batch["label"]
@@ -311,8 +350,15 @@ def evaluate(model: torch.nn.Module, pre: PreprocessConfig, cfg: TrainConfig, nu
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def _report(ctx: LoopContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.OneCycleLR, metrics: dict, rank: int, log: MetricsLog | None) -> None:
+def _report(
+    ctx: LoopContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.OneCycleLR,
+    metrics: dict,
+    rank: int,
+    log: MetricsLog | None,
+) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint and logs the epoch."""
     import ray.train
 
@@ -327,16 +373,22 @@ def _report(ctx: LoopContext, model: torch.nn.Module, optimizer: torch.optim.Opt
     unwrapped = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, unwrapped, optimizer, scheduler, epoch, metrics["step"], metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=checkpoint_dir_name(epoch))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_dir_name(epoch)
+        )
 
 
 def _record_worker(run_dir: str, rank: int, world: int) -> None:
     """workers.json: rank -> node, host, pid, device of this attempt (for debugging and cluster tests)."""
     import ray
 
-    info = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    info = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
     gathered: list[Any] = [info]
     if world > 1:
         gathered = [None] * world

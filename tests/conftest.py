@@ -4,6 +4,7 @@ image files. Nothing is downloaded; everything is made here."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 from pathlib import Path
@@ -45,8 +46,10 @@ def shapes_root(tmp_path_factory) -> Path:
 def multilabel_root(tmp_path_factory) -> Path:
     from rayimgcls.synth import SynthConfig, make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("shapes_ml"),
-                        SynthConfig(num_images=120, num_classes=NUM_CLASSES, multilabel=True, seed=2))
+    return make_dataset(
+        tmp_path_factory.mktemp("shapes_ml"),
+        SynthConfig(num_images=120, num_classes=NUM_CLASSES, multilabel=True, seed=2),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +61,9 @@ def model_dir(tmp_path_factory, shapes_root) -> Path:
 
     names = list(json.loads((shapes_root / "class_to_idx.json").read_text()))
     out = tmp_path_factory.mktemp("model") / "model"
-    make_untrained_model_dir(out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, class_names=names,
-                             model_kwargs=TINY_VIT)
+    make_untrained_model_dir(
+        out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, class_names=names, model_kwargs=TINY_VIT
+    )
     return out
 
 
@@ -68,8 +72,9 @@ def multilabel_model_dir(tmp_path_factory) -> Path:
     from rayimgcls.model import make_untrained_model_dir
 
     out = tmp_path_factory.mktemp("model_ml") / "model"
-    make_untrained_model_dir(out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, multilabel=True,
-                             model_kwargs=TINY_VIT)
+    make_untrained_model_dir(
+        out, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, multilabel=True, model_kwargs=TINY_VIT
+    )
     return out
 
 
@@ -116,3 +121,80 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S3 on loopback: moto in server mode, for the storage and cluster tests.
+
+S3_BUCKET = "rayimgcls-test"
+
+
+class S3Server:
+    """A running S3 server: its endpoint, the AWS_* settings that point a process at it, and URIs in its bucket."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join((S3_BUCKET, *parts))
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            scheme="http",
+            region="us-east-1",
+            access_key="testing",
+            secret_key="testing",
+            allow_bucket_creation=True,
+        )
+
+    def upload(self, local: Path, *parts: str) -> str:
+        """Copy a local folder into the bucket; returns its URI."""
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(local), "/".join((S3_BUCKET, *parts)), destination_filesystem=self.filesystem())
+        return self.uri(*parts)
+
+    def keys(self, *parts: str) -> list[str]:
+        """Every object key below a prefix, relative to it, sorted."""
+        import pyarrow.fs as pafs
+
+        base = "/".join((S3_BUCKET, *parts))
+        infos = self.filesystem().get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 at a free port with one empty bucket, stopped at the end of the session.
+    It runs in a thread of the test process, so subprocesses (Ray nodes, CLI runs) reach it too."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request buries test failures
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = S3Server(f"http://127.0.0.1:{port}")
+        s3.filesystem().create_dir(S3_BUCKET)
+        yield s3
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch) -> S3Server:
+    """The S3 server's settings in this process's environment for one test (and any other AWS setting removed)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

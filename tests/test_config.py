@@ -10,15 +10,24 @@ from rayimgcls.config import ConfigError, TrainConfig, diff, load_config
 
 def test_sambastudio_defaults():
     cfg = TrainConfig(data_root="d")
-    assert (cfg.attention_dropout_rate, cfg.batch_size, cfg.dropout_rate, cfg.learning_rate, cfg.logging_steps,
-            cfg.multilabel, cfg.num_epochs, cfg.num_intended_classes, cfg.weight_decay) == \
-        (0.0, 64, 0.0, 1e-4, 50, False, 3, None, 0.0)
+    assert (
+        cfg.attention_dropout_rate,
+        cfg.batch_size,
+        cfg.dropout_rate,
+        cfg.learning_rate,
+        cfg.logging_steps,
+        cfg.multilabel,
+        cfg.num_epochs,
+        cfg.num_intended_classes,
+        cfg.weight_decay,
+    ) == (0.0, 64, 0.0, 1e-4, 50, False, 3, None, 0.0)
     assert cfg.metric == "top1" and TrainConfig(data_root="d", multilabel=True).metric == "map"
 
 
 def test_flags_win_over_yaml_which_wins_over_defaults(tmp_path):
-    (tmp_path / "run.yaml").write_text("learning_rate: 1e-3\nnum_epochs: 7\nmultilabel: true\n"
-                                       "model_kwargs: {depth: 2}\ndata_root: /data\n")
+    (tmp_path / "run.yaml").write_text(
+        "learning_rate: 1e-3\nnum_epochs: 7\nmultilabel: true\nmodel_kwargs: {depth: 2}\ndata_root: /data\n"
+    )
     cfg = load_config(TrainConfig, str(tmp_path / "run.yaml"), {"num_epochs": 9, "batch_size": None})
     assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)  # YAML reads 1e-3 as a string
     assert cfg.num_epochs == 9 and cfg.batch_size == 64 and cfg.multilabel is True
@@ -41,12 +50,22 @@ def test_unknown_yaml_keys_and_bad_types_are_named(tmp_path):
         load_config(TrainConfig, str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("field,value,allowed", [
-    ("attention_dropout_rate", 1.0, "0 <= x < 1"), ("dropout_rate", -0.1, "0 <= x < 1"),
-    ("batch_size", 0, ">= 1"), ("learning_rate", 0.0, "> 0"), ("logging_steps", 0, ">= 1"),
-    ("num_epochs", 0, ">= 1"), ("num_intended_classes", 1001, "1..1000"), ("weight_decay", -1.0, ">= 0"),
-    ("precision", "fp16", "auto | fp32 | bf16"), ("num_workers", 0, ">= 1"), ("run_name", "a/b", "letters"),
-])
+@pytest.mark.parametrize(
+    "field,value,allowed",
+    [
+        ("attention_dropout_rate", 1.0, "0 <= x < 1"),
+        ("dropout_rate", -0.1, "0 <= x < 1"),
+        ("batch_size", 0, ">= 1"),
+        ("learning_rate", 0.0, "> 0"),
+        ("logging_steps", 0, ">= 1"),
+        ("num_epochs", 0, ">= 1"),
+        ("num_intended_classes", 1001, "1..1000"),
+        ("weight_decay", -1.0, ">= 0"),
+        ("precision", "fp16", "auto | fp32 | bf16"),
+        ("num_workers", 0, ">= 1"),
+        ("run_name", "a/b", "letters"),
+    ],
+)
 def test_out_of_range_values_are_refused(field, value, allowed):
     with pytest.raises(ConfigError) as e:
         TrainConfig(data_root="d", **{field: value})

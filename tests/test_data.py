@@ -56,8 +56,12 @@ def broken_root(tmp_path, shapes_root) -> tuple[pd.DataFrame, str]:
     for p in good["image_path"]:
         (tmp_path / p).write_bytes((shapes_root / p).read_bytes())
     (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff broken")
-    rows = list(good["image_path"]) + ["images/bad.jpg", "images/missing.png", "../escape.jpg",
-                                       good["image_path"].iloc[0]]
+    rows = list(good["image_path"]) + [
+        "images/bad.jpg",
+        "images/missing.png",
+        "../escape.jpg",
+        good["image_path"].iloc[0],
+    ]
     lines = "\n".join(f"{p},0,train," for p in rows)
     (tmp_path / "labels.csv").write_text("image_path,label,subset,metadata\n" + lines + "\n")
     df = read_csv(str(tmp_path))

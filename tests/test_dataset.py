@@ -32,8 +32,11 @@ def jpeg() -> bytes:
 
 
 def test_read_csv_keeps_line_numbers_across_quoted_newlines(tmp_path, jpeg):
-    write_root(tmp_path, 'image_path,label,subset,metadata\nimages/a.jpg,0,train,"two\nlines"\n\n'
-                         "./images/a.jpg,1,test,\n", {"images/a.jpg": jpeg})
+    write_root(
+        tmp_path,
+        'image_path,label,subset,metadata\nimages/a.jpg,0,train,"two\nlines"\n\n./images/a.jpg,1,test,\n',
+        {"images/a.jpg": jpeg},
+    )
     df = read_csv(str(tmp_path))
     assert list(df["row"]) == [2, 5]  # the second record starts on line 5 (after a 2-line record, a blank)
     assert list(df["image_path"]) == ["images/a.jpg", "./images/a.jpg"]
@@ -59,31 +62,56 @@ def test_missing_file_empty_file_and_missing_columns(tmp_path):
 def test_validate_reports_every_problem_with_its_line(tmp_path, jpeg):
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(jpeg)
-    root = write_root(tmp_path / "root", "\n".join([
-        "image_path,label,subset,metadata",
-        "images/ok.jpg,0,train,",           # 2 fine
-        "images/ok2.jpg,x,train,",          # 3 not an integer
-        "images/ok2.jpg,9,train,",          # 4 out of range (and a duplicate of line 3)
-        "images/ok3.jpg,-1,train,",         # 5 negative
-        "images/ok3.jpg,1,valid,",          # 6 unknown subset (duplicate of 5)
-        "images/missing.jpg,1,test,",       # 7 missing file
-        "images/trunc.jpg,1,train,",        # 8 truncated
-        "../outside.jpg,1,train,",          # 9 escapes with ../
-        f"{outside},1,train,",              # 10 absolute path
-        "images/link.jpg,1,train,",         # 11 symlink pointing out
-        "images/bomb.png,1,train,",         # 12 too many pixels
-        "images/text.jpg,1,train,",         # 13 not an image
-        "images/multi.jpg,0 1,train,",      # 14 several labels, single-label dataset
-    ]) + "\n", {"images/ok.jpg": jpeg, "images/ok2.jpg": jpeg, "images/ok3.jpg": jpeg, "images/multi.jpg": jpeg,
-                "images/trunc.jpg": jpeg[: len(jpeg) // 2], "images/text.jpg": b"not an image",
-                "images/bomb.png": _bomb()})
+    root = write_root(
+        tmp_path / "root",
+        "\n".join(
+            [
+                "image_path,label,subset,metadata",
+                "images/ok.jpg,0,train,",  # 2 fine
+                "images/ok2.jpg,x,train,",  # 3 not an integer
+                "images/ok2.jpg,9,train,",  # 4 out of range (and a duplicate of line 3)
+                "images/ok3.jpg,-1,train,",  # 5 negative
+                "images/ok3.jpg,1,valid,",  # 6 unknown subset (duplicate of 5)
+                "images/missing.jpg,1,test,",  # 7 missing file
+                "images/trunc.jpg,1,train,",  # 8 truncated
+                "../outside.jpg,1,train,",  # 9 escapes with ../
+                f"{outside},1,train,",  # 10 absolute path
+                "images/link.jpg,1,train,",  # 11 symlink pointing out
+                "images/bomb.png,1,train,",  # 12 too many pixels
+                "images/text.jpg,1,train,",  # 13 not an image
+                "images/multi.jpg,0 1,train,",  # 14 several labels, single-label dataset
+            ]
+        )
+        + "\n",
+        {
+            "images/ok.jpg": jpeg,
+            "images/ok2.jpg": jpeg,
+            "images/ok3.jpg": jpeg,
+            "images/multi.jpg": jpeg,
+            "images/trunc.jpg": jpeg[: len(jpeg) // 2],
+            "images/text.jpg": b"not an image",
+            "images/bomb.png": _bomb(),
+        },
+    )
     os.symlink(outside, root / "images" / "link.jpg")
     report = validate(str(root), num_intended_classes=3, multilabel=False, max_pixels=1_000_000)
     found = {(p.line, p.code) for p in report.problems}
-    expected = {(3, "bad_label"), (4, "label_out_of_range"), (4, "duplicate_row"), (5, "label_out_of_range"),
-                (6, "unknown_subset"), (6, "duplicate_row"), (7, "missing_file"), (8, "truncated"),
-                (9, "path_escape"), (10, "path_escape"), (11, "path_escape"), (12, "too_many_pixels"),
-                (13, "unsupported_format"), (14, "multiple_labels")}
+    expected = {
+        (3, "bad_label"),
+        (4, "label_out_of_range"),
+        (4, "duplicate_row"),
+        (5, "label_out_of_range"),
+        (6, "unknown_subset"),
+        (6, "duplicate_row"),
+        (7, "missing_file"),
+        (8, "truncated"),
+        (9, "path_escape"),
+        (10, "path_escape"),
+        (11, "path_escape"),
+        (12, "too_many_pixels"),
+        (13, "unsupported_format"),
+        (14, "multiple_labels"),
+    }
     assert expected <= found, expected - found
     assert not any(p.line == 2 for p in report.problems)
     assert all(str(p).startswith(f"labels.csv:{p.line}: ") for p in report.problems)
@@ -147,7 +175,7 @@ def test_from_folders_converts_an_imagefolder_tree(tmp_path, jpeg):
     df = from_folders(str(src), str(out), (0.6, 0.2, 0.2), seed=3)
     assert json.loads((out / "class_to_idx.json").read_text()) == {"bird": 0, "cat": 1, "dog": 2}
     assert len(df) == 25 and df.equals(pd.read_csv(out / "labels.csv", dtype=str, keep_default_na=False))
-    assert (df[df["label"] == "1"]["subset"].value_counts().to_dict() == {"train": 6, "validation": 2, "test": 2})
+    assert df[df["label"] == "1"]["subset"].value_counts().to_dict() == {"train": 6, "validation": 2, "test": 2}
     assert all((out / p).is_file() for p in df["image_path"])
     assert validate(str(out)).ok
     again = from_folders(str(src), str(tmp_path / "out2"), (0.6, 0.2, 0.2), seed=3)

@@ -14,8 +14,14 @@ from rayimgcls.demo import run_demo
 def test_demo_runs_every_stage(ray_session, tmp_path, capsys):
     result = run_demo(str(tmp_path / "demo"), num_images=120, num_epochs=2)
     out = capsys.readouterr().out
-    for stage in ("1/4 dataset", "2/4 training", "3/4 batch inference", "4/4 evaluation", "demo done in",
-                  "rayimgcls serve --model-dir"):
+    for stage in (
+        "1/4 dataset",
+        "2/4 training",
+        "3/4 batch inference",
+        "4/4 evaluation",
+        "demo done in",
+        "rayimgcls serve --model-dir",
+    ):
         assert stage in out
     assert (Path(result.model_dir) / "model.safetensors").exists()
     manifest = json.loads((Path(result.result_dir) / "manifest.json").read_text())

@@ -19,10 +19,23 @@ from rayimgcls.model import ModelError, make_untrained_model_dir, read_card
 
 NAMES = ["cat", "dog", "bird"]
 # labels.csv lines 2..8: image, label, subset
-LABELS = [("a.jpg", "0", "test"), ("b.jpg", "0", "test"), ("c.jpg", "1", "test"), ("d.jpg", "1", "test"),
-          ("e.jpg", "2", "test"), ("f.jpg", "2", "validation"), ("g.jpg", "0", "test")]
-PROBS = {"a.jpg": [0.7, 0.2, 0.1], "b.jpg": [0.2, 0.5, 0.3], "c.jpg": [0.1, 0.8, 0.1],
-         "d.jpg": [0.6, 0.3, 0.1], "e.jpg": [0.1, 0.1, 0.8], "f.jpg": [0.3, 0.3, 0.4]}  # g.jpg: an error line
+LABELS = [
+    ("a.jpg", "0", "test"),
+    ("b.jpg", "0", "test"),
+    ("c.jpg", "1", "test"),
+    ("d.jpg", "1", "test"),
+    ("e.jpg", "2", "test"),
+    ("f.jpg", "2", "validation"),
+    ("g.jpg", "0", "test"),
+]
+PROBS = {
+    "a.jpg": [0.7, 0.2, 0.1],
+    "b.jpg": [0.2, 0.5, 0.3],
+    "c.jpg": [0.1, 0.8, 0.1],
+    "d.jpg": [0.6, 0.3, 0.1],
+    "e.jpg": [0.1, 0.1, 0.8],
+    "f.jpg": [0.3, 0.3, 0.4],
+}  # g.jpg: an error line
 
 
 def write_labels(root: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -31,36 +44,60 @@ def write_labels(root: Path, rows: list[tuple[str, str, str]]) -> None:
     (root / "labels.csv").write_text("image_path,label,subset\n" + text)
 
 
-def write_result(out: Path, root: Path, model: dict, lines: list[dict], csv: str = "labels.csv",
-                 per_shard: int = 4) -> None:
+def write_result(
+    out: Path, root: Path, model: dict, lines: list[dict], csv: str = "labels.csv", per_shard: int = 4
+) -> None:
     """A result dir as `rayimgcls infer` leaves it (DESIGN §5), written by hand."""
     out.mkdir(parents=True)
     shards = []
     for k, start in enumerate(range(0, len(lines), per_shard)):
-        chunk = lines[start:start + per_shard]
+        chunk = lines[start : start + per_shard]
         name = f"predictions-{k:05d}.jsonl"
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in chunk))
-        shards.append({"file": name, "index": k, "start": start, "stop": start + len(chunk),
-                       "first_row": chunk[0]["row"], "last_row": chunk[-1]["row"]})
-    manifest = {"format": 1, "model": model, "shards": shards, "complete": True,
-                "settings": {"precision": "fp32", "top_k": 5, "rows_per_shard": per_shard},
-                "input": {"kind": "csv", "data_root": str(root), "csv": csv, "subset": None,
-                          "rows": len(lines), "sha256": "-"}}
+        shards.append(
+            {
+                "file": name,
+                "index": k,
+                "start": start,
+                "stop": start + len(chunk),
+                "first_row": chunk[0]["row"],
+                "last_row": chunk[-1]["row"],
+            }
+        )
+    manifest = {
+        "format": 1,
+        "model": model,
+        "shards": shards,
+        "complete": True,
+        "settings": {"precision": "fp32", "top_k": 5, "rows_per_shard": per_shard},
+        "input": {"kind": "csv", "data_root": str(root), "csv": csv, "subset": None, "rows": len(lines), "sha256": "-"},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
 def multiclass_model(**kw) -> dict:
-    return {"dir": "nowhere", "name": "hand", "version": "v1", "num_classes": 3, "multilabel": False,
-            "class_names": NAMES, "thresholds": [], **kw}
+    return {
+        "dir": "nowhere",
+        "name": "hand",
+        "version": "v1",
+        "num_classes": 3,
+        "multilabel": False,
+        "class_names": NAMES,
+        "thresholds": [],
+        **kw,
+    }
 
 
 @pytest.fixture
 def multiclass_result(tmp_path: Path) -> tuple[Path, Path]:
     root, out = tmp_path / "mc" / "data", tmp_path / "mc" / "out"
     write_labels(root, LABELS)
-    lines = [{"input": p, "predictions": PROBS[p], "top_k": [], "row": row} if p in PROBS else
-             {"input": p, "row": row, "error": "cannot decode JPEG"}
-             for row, (p, _, _) in enumerate(LABELS, start=2)]
+    lines = [
+        {"input": p, "predictions": PROBS[p], "top_k": [], "row": row}
+        if p in PROBS
+        else {"input": p, "row": row, "error": "cannot decode JPEG"}
+        for row, (p, _, _) in enumerate(LABELS, start=2)
+    ]
     write_result(out, root, multiclass_model(), lines)
     return root, out
 
@@ -73,17 +110,25 @@ def test_multiclass_numbers_by_hand(multiclass_result) -> None:
     assert report["accuracy"] == pytest.approx(4 / 6)
     assert report["top5"] is None  # 3 classes: top-5 would be a meaningless 100%
     assert report["confusion_matrix"] == [[1, 1, 0], [1, 1, 0], [0, 0, 2]]
-    per_class = {c["class"]: (c["precision"], c["recall"], c["f1"], c["support"])
-                 for c in report["per_class"]}
+    per_class = {c["class"]: (c["precision"], c["recall"], c["f1"], c["support"]) for c in report["per_class"]}
     assert per_class == {"cat": (0.5, 0.5, 0.5, 2), "dog": (0.5, 0.5, 0.5, 2), "bird": (1.0, 1.0, 1.0, 2)}
     assert report["macro_f1"] == pytest.approx(2 / 3)
-    assert report["most_confused"] == [{"true": "cat", "predicted": "dog", "count": 1},
-                                       {"true": "dog", "predicted": "cat", "count": 1}]
-    assert [(w["input"], w["predicted"], w["p_true"]) for w in report["worst"][:3]] == \
-        [("b.jpg", "dog", 0.2), ("d.jpg", "cat", 0.3), ("f.jpg", "bird", 0.4)]
+    assert report["most_confused"] == [
+        {"true": "cat", "predicted": "dog", "count": 1},
+        {"true": "dog", "predicted": "cat", "count": 1},
+    ]
+    assert [(w["input"], w["predicted"], w["p_true"]) for w in report["worst"][:3]] == [
+        ("b.jpg", "dog", 0.2),
+        ("d.jpg", "cat", 0.3),
+        ("f.jpg", "bird", 0.4),
+    ]
     assert json.loads((out / "evaluation.json").read_text()) == report
-    assert (out / "confusion_matrix.csv").read_text().splitlines() == \
-        ["true \\ predicted,cat,dog,bird", "cat,1,1,0", "dog,1,1,0", "bird,0,0,2"]
+    assert (out / "confusion_matrix.csv").read_text().splitlines() == [
+        "true \\ predicted,cat,dog,bird",
+        "cat,1,1,0",
+        "dog,1,1,0",
+        "bird,0,0,2",
+    ]
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_report(report)
     assert "accuracy 0.6667" in table and "b.jpg" in table and "cat -> dog: 1" in table
@@ -100,8 +145,10 @@ def test_subset_uses_labels_csv_subsets(multiclass_result) -> None:
 def test_other_csv_joins_by_path_and_counts_unlabelled(tmp_path) -> None:
     root, out = tmp_path / "data", tmp_path / "out"
     write_labels(root, LABELS)
-    lines = [{"input": "./a.jpg", "predictions": PROBS["a.jpg"], "top_k": [], "row": 2},
-             {"input": "new.jpg", "predictions": PROBS["b.jpg"], "top_k": [], "row": 3}]
+    lines = [
+        {"input": "./a.jpg", "predictions": PROBS["a.jpg"], "top_k": [], "row": 2},
+        {"input": "new.jpg", "predictions": PROBS["b.jpg"], "top_k": [], "row": 3},
+    ]
     write_result(out, root, multiclass_model(), lines, csv="predictions.csv")
     report = evaluate(str(out))
     assert report["rows"]["unlabelled"] == 1 and report["unlabelled"] == [{"row": 3, "input": "new.jpg"}]
@@ -111,8 +158,13 @@ def test_other_csv_joins_by_path_and_counts_unlabelled(tmp_path) -> None:
 def test_conflicting_or_bad_labels_name_the_line(tmp_path) -> None:
     root, out = tmp_path / "data", tmp_path / "out"
     write_labels(root, [*LABELS, ("a.jpg", "2", "train")])
-    write_result(out, root, multiclass_model(), [{"input": "a.jpg", "predictions": PROBS["a.jpg"], "row": 2}],
-                 csv="predictions.csv")
+    write_result(
+        out,
+        root,
+        multiclass_model(),
+        [{"input": "a.jpg", "predictions": PROBS["a.jpg"], "row": 2}],
+        csv="predictions.csv",
+    )
     with pytest.raises(DatasetError, match=r"labels.csv:2: a.jpg: labelled differently on lines 2, 9"):
         evaluate(str(out))
     write_labels(root, [("a.jpg", "7", "test")])
@@ -132,8 +184,12 @@ def test_incomplete_or_missing_result_is_refused(multiclass_result, tmp_path) ->
 # ---------------------------------------------------------------------------------------------------------
 # Multi-label
 
-ML_ROWS = [("r1.jpg", "0", "validation"), ("r2.jpg", "1", "validation"), ("r3.jpg", "0 1", "test"),
-           ("r4.jpg", "0", "test")]
+ML_ROWS = [
+    ("r1.jpg", "0", "validation"),
+    ("r2.jpg", "1", "validation"),
+    ("r3.jpg", "0 1", "test"),
+    ("r4.jpg", "0", "test"),
+]
 ML_PROBS = [[0.9, 0.2], [0.6, 0.7], [0.4, 0.8], [0.3, 0.1]]
 
 
@@ -149,11 +205,25 @@ def multilabel_result(tmp_path, two_class_model) -> tuple[Path, Path, Path]:
     root, out, model = tmp_path / "data", tmp_path / "out", tmp_path / "model"
     shutil.copytree(two_class_model, model)
     write_labels(root, ML_ROWS)
-    lines = [{"input": p, "predictions": pr, "top_k": [], "labels": [], "row": row}
-             for row, ((p, _, _), pr) in enumerate(zip(ML_ROWS, ML_PROBS, strict=True), start=2)]
+    lines = [
+        {"input": p, "predictions": pr, "top_k": [], "labels": [], "row": row}
+        for row, ((p, _, _), pr) in enumerate(zip(ML_ROWS, ML_PROBS, strict=True), start=2)
+    ]
     card = read_card(model)
-    write_result(out, root, {"dir": str(model), "name": "hand", "version": card.version, "num_classes": 2,
-                             "multilabel": True, "class_names": ["0", "1"], "thresholds": [0.5, 0.5]}, lines)
+    write_result(
+        out,
+        root,
+        {
+            "dir": str(model),
+            "name": "hand",
+            "version": card.version,
+            "num_classes": 2,
+            "multilabel": True,
+            "class_names": ["0", "1"],
+            "thresholds": [0.5, 0.5],
+        },
+        lines,
+    )
     return root, out, model
 
 
@@ -188,8 +258,7 @@ def test_tune_thresholds_refusals(multilabel_result, multiclass_result, two_clas
     with pytest.raises(ModelError, match="only for multi-label"):
         evaluate(str(multiclass_result[1]), tune_thresholds=True)
     other = tmp_path / "other"
-    make_untrained_model_dir(other, num_classes=2, image_size=32, multilabel=True, model_kwargs=TINY_VIT,
-                             seed=1)
+    make_untrained_model_dir(other, num_classes=2, image_size=32, multilabel=True, model_kwargs=TINY_VIT, seed=1)
     with pytest.raises(ModelError, match="not the model that made these predictions"):
         evaluate(str(out), model_dir=str(other), tune_thresholds=True)
     write_labels(out.parent / "data", [(path, label, "test") for path, label, _ in ML_ROWS])
@@ -199,8 +268,7 @@ def test_tune_thresholds_refusals(multilabel_result, multiclass_result, two_clas
 
 
 @pytest.mark.timeout(180)
-def test_tuned_thresholds_are_used_by_infer(ray_session, multilabel_model_dir, multilabel_root,
-                                            tmp_path) -> None:
+def test_tuned_thresholds_are_used_by_infer(ray_session, multilabel_model_dir, multilabel_root, tmp_path) -> None:
     from rayimgcls.config import InferConfig
     from rayimgcls.infer import run_inference
 
@@ -208,14 +276,25 @@ def test_tuned_thresholds_are_used_by_infer(ray_session, multilabel_model_dir, m
     shutil.copytree(multilabel_model_dir, model)
 
     def infer(out: str, **kw) -> list[dict]:
-        run_inference(InferConfig(model_dir=str(model), data_root=str(multilabel_root),
-                                  result_dir=str(tmp_path / out), csv="labels.csv", **kw))
-        return [json.loads(x) for f in sorted((tmp_path / out).glob("predictions-*.jsonl"))
-                for x in f.read_text().splitlines()]
+        run_inference(
+            InferConfig(
+                model_dir=str(model),
+                data_root=str(multilabel_root),
+                result_dir=str(tmp_path / out),
+                csv="labels.csv",
+                **kw,
+            )
+        )
+        return [
+            json.loads(x)
+            for f in sorted((tmp_path / out).glob("predictions-*.jsonl"))
+            for x in f.read_text().splitlines()
+        ]
 
     infer("all")
-    result = CliRunner().invoke(app, ["evaluate", "--result-dir", str(tmp_path / "all"), "--tune-thresholds",
-                                      "--subset", "test"])
+    result = CliRunner().invoke(
+        app, ["evaluate", "--result-dir", str(tmp_path / "all"), "--tune-thresholds", "--subset", "test"]
+    )
     assert result.exit_code == 0, result.output
     assert "mAP" in result.output and "tuned on" in result.output
     thresholds = read_card(model).thresholds

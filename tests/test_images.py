@@ -109,8 +109,9 @@ def test_sniffing_names_the_format():
     assert sniff_format(b"nope") is None
 
 
-@pytest.mark.parametrize("size,crop_pct,interpolation", [(32, 0.9, "bicubic"), (224, 0.875, "bicubic"),
-                                                          (40, 1.0, "bilinear")])
+@pytest.mark.parametrize(
+    "size,crop_pct,interpolation", [(32, 0.9, "bicubic"), (224, 0.875, "bicubic"), (40, 1.0, "bilinear")]
+)
 def test_eval_transform_matches_timm_to_the_pixel(size, crop_pct, interpolation):
     ours = eval_transform(PreprocessConfig(input_size=size, crop_pct=crop_pct, interpolation=interpolation))
     timms = transforms_imagenet_eval(size, crop_pct=crop_pct, interpolation=interpolation, use_prefetcher=True)

@@ -22,12 +22,15 @@ from rayimgcls.infer import (
     MANIFEST,
     MERGED,
     PipelineError,
+    PoolPlan,
     ResultDirError,
     glob_regex,
     plan_shards,
     run_inference,
+    size_pool,
 )
 from rayimgcls.model import ModelError, Predictor
+from rayimgcls.runtime import ResourceError
 
 SHARD_RE = r"predictions-\d{5}\.jsonl"
 
@@ -65,8 +68,16 @@ def messy_root(tmp_path_factory, shapes_root: Path) -> Path:
     (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "images" / "not_an_image.jpg").write_bytes(b"hello, world")
     rows = [f"images/{f.name}" for f in good]
-    rows += [rows[0], f"./{rows[1]}", rows[0],  # duplicates, one spelled differently
-             "images/truncated.jpg", "images/not_an_image.jpg", "images/missing.jpg", "../outside.jpg", ""]
+    rows += [
+        rows[0],
+        f"./{rows[1]}",
+        rows[0],  # duplicates, one spelled differently
+        "images/truncated.jpg",
+        "images/not_an_image.jpg",
+        "images/missing.jpg",
+        "../outside.jpg",
+        "",
+    ]
     (root / "predictions.csv").write_text("image_path,metadata\n" + "".join(f'"{r}",note\n' for r in rows))
     return root
 
@@ -74,19 +85,27 @@ def messy_root(tmp_path_factory, shapes_root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers
 
+
 def test_plan_shards_fixed_ranges() -> None:
     rows = np.array([2, 3, 5, 8, 9, 12, 13])
     shards = plan_shards(rows, 3)
-    assert [(s.start, s.stop, s.first_row, s.last_row) for s in shards] == \
-        [(0, 3, 2, 5), (3, 6, 8, 12), (6, 7, 13, 13)]
+    assert [(s.start, s.stop, s.first_row, s.last_row) for s in shards] == [(0, 3, 2, 5), (3, 6, 8, 12), (6, 7, 13, 13)]
     assert [s.file for s in shards] == [f"predictions-0000{k}.jsonl" for k in range(3)]
 
 
-@pytest.mark.parametrize(("glob", "path", "hit"), [
-    ("*.jpg", "a.jpg", True), ("*.jpg", "x/a.jpg", False), ("**/*.jpg", "a.jpg", True),
-    ("**/*.jpg", "x/y/a.jpg", True), ("x/?.png", "x/a.png", True), ("[ab].jpg", "c.jpg", False),
-    ("[!ab].jpg", "c.jpg", True), ("a+b.jpg", "a+b.jpg", True),
-])
+@pytest.mark.parametrize(
+    ("glob", "path", "hit"),
+    [
+        ("*.jpg", "a.jpg", True),
+        ("*.jpg", "x/a.jpg", False),
+        ("**/*.jpg", "a.jpg", True),
+        ("**/*.jpg", "x/y/a.jpg", True),
+        ("x/?.png", "x/a.png", True),
+        ("[ab].jpg", "c.jpg", False),
+        ("[!ab].jpg", "c.jpg", True),
+        ("a+b.jpg", "a+b.jpg", True),
+    ],
+)
 def test_glob_regex(glob: str, path: str, hit: bool) -> None:
     assert bool(glob_regex(glob).match(path)) is hit
 
@@ -100,12 +119,34 @@ def test_config_refuses_contradictions() -> None:
         InferConfig(model_dir="m", result_dir="o")
 
 
+@pytest.mark.parametrize(
+    ("nodes", "flags", "expected"),
+    [
+        ([2.0], {}, PoolPlan(actors=1, cpus=0.5, gpus=0.0, threads=2, decode_cpus=1.0)),  # a laptop
+        ([16.0, 16.0], {}, PoolPlan(2, 0.5, 0.0, 16, 1.0)),  # an actor per node using its cores
+        ([1.0, 1.0, 1.0], {}, PoolPlan(1, 0.5, 0.0, 1, 1.0)),  # one-CPU nodes: an actor on each would starve decoding
+        ([1.0], {}, PoolPlan(1, 0.5, 0.0, 1, 0.5)),  # one core: decoding takes the half the actor leaves
+        ([8.0, 8.0], {"use_gpu": True}, PoolPlan(4, 1.0, 1.0, 4, 1.0)),  # an actor per GPU
+        ([8.0], {"num_actors": 3, "threads_per_actor": 1}, PoolPlan(3, 0.5, 0.0, 1, 1.0)),
+    ],
+)
+def test_pool_sizing_always_leaves_decoding_a_cpu(nodes: list[float], flags: dict, expected: PoolPlan) -> None:
+    cfg = InferConfig(model_dir="m", data_root="d", result_dir="o", **flags)
+    assert size_pool(cfg, nodes, gpus=4 if cfg.use_gpu else 0, max_cpus=sum(nodes)) == expected
+
+
+def test_pool_sizing_refuses_actors_that_leave_no_cpu_to_decode() -> None:
+    cfg = InferConfig(model_dir="m", data_root="d", result_dir="o", num_actors=4)
+    with pytest.raises(ResourceError, match="4 model actor.*none of the cluster's 2 CPUs"):
+        size_pool(cfg, [2.0], gpus=0, max_cpus=2.0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Output format
 
+
 @pytest.mark.timeout(120)
-def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, model_dir, messy_root,
-                                                                tmp_path) -> None:
+def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, model_dir, messy_root, tmp_path) -> None:
     out = tmp_path / "out"
     summary = infer(model_dir, messy_root, out, rows_per_shard=4, top_k=3, merge=True)
     expected = csv_paths(messy_root, "predictions.csv")
@@ -115,8 +156,13 @@ def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, mode
     assert [f.name for f in shard_files(out)] == [f"predictions-{k:05d}.jsonl" for k in range(4)]
     assert not [f for f in out.iterdir() if "tmp" in f.name]
     errors = {x["input"]: x for x in lines if "error" in x}
-    assert set(errors) == {"images/truncated.jpg", "images/not_an_image.jpg", "images/missing.jpg",
-                           "../outside.jpg", ""}
+    assert set(errors) == {
+        "images/truncated.jpg",
+        "images/not_an_image.jpg",
+        "images/missing.jpg",
+        "../outside.jpg",
+        "",
+    }
     assert all(list(x) == ["input", "row", "error"] and x["error"] for x in errors.values())
     assert "file not found" in errors["images/missing.jpg"]["error"]
     assert "outside the data root" in errors["../outside.jpg"]["error"]
@@ -127,8 +173,11 @@ def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, mode
     assert (summary.rows, summary.lines, summary.errors) == (len(expected), len(expected), 5)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["complete"] and manifest["input"]["csv"] == "predictions.csv"
-    assert [(s["file"], s["first_row"], s["last_row"]) for s in manifest["shards"]][-1] == \
-        ("predictions-00003.jsonl", 14, 15)
+    assert [(s["file"], s["first_row"], s["last_row"]) for s in manifest["shards"]][-1] == (
+        "predictions-00003.jsonl",
+        14,
+        15,
+    )
     assert (out / MERGED).read_text().splitlines() == [json.dumps(x) for x in lines]
 
 
@@ -160,24 +209,26 @@ def test_parity_with_predictor_for_odd_files(ray_session, model_dir, odd_images,
 @pytest.mark.timeout(120)
 def test_images_folder_and_glob(ray_session, model_dir, odd_images, tmp_path) -> None:
     folder = odd_images / "images"
-    result = CliRunner().invoke(app, ["infer", "--model-dir", str(model_dir), "--images", str(folder),
-                                      "--result-dir", str(tmp_path / "folder")])
+    result = CliRunner().invoke(
+        app, ["infer", "--model-dir", str(model_dir), "--images", str(folder), "--result-dir", str(tmp_path / "folder")]
+    )
     assert result.exit_code == 0, result.output
     assert "7 rows in: 7 predicted -> 7 lines (0 errors)" in result.output
     lines = read_lines(tmp_path / "folder")
     assert sorted(x["input"] for x in lines) == sorted(f.name for f in folder.iterdir())
     assert [x["row"] for x in lines] == list(range(1, 8))
     infer(model_dir, odd_images, tmp_path / "glob", images="images/*.png")
-    assert sorted(x["input"] for x in read_lines(tmp_path / "glob")) == \
-        sorted(f"images/{f.name}" for f in folder.glob("*.png"))
+    assert sorted(x["input"] for x in read_lines(tmp_path / "glob")) == sorted(
+        f"images/{f.name}" for f in folder.glob("*.png")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Non-empty result dirs
 
+
 @pytest.mark.timeout(120)
-def test_refuse_overwrite_and_resume_checks(ray_session, model_dir, multilabel_model_dir, odd_images,
-                                            tmp_path) -> None:
+def test_refuse_overwrite_and_resume_checks(ray_session, model_dir, multilabel_model_dir, odd_images, tmp_path) -> None:
     out = tmp_path / "out"
     infer(model_dir, odd_images, out, rows_per_shard=3)
     (out / "notes.txt").write_text("mine")
@@ -190,8 +241,12 @@ def test_refuse_overwrite_and_resume_checks(ray_session, model_dir, multilabel_m
     (out / "predictions-00007.jsonl.tmp").write_text("partial")
     summary = infer(model_dir, odd_images, out, rows_per_shard=4, overwrite=True)
     assert summary.shards_written == 2
-    assert sorted(f.name for f in out.iterdir()) == [MANIFEST, "notes.txt", "predictions-00000.jsonl",
-                                                     "predictions-00001.jsonl"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        MANIFEST,
+        "notes.txt",
+        "predictions-00000.jsonl",
+        "predictions-00001.jsonl",
+    ]
     nothing_left = infer(model_dir, odd_images, out, rows_per_shard=4, resume=True)
     assert (nothing_left.computed, nothing_left.shards_kept) == (0, 2)
 
@@ -210,8 +265,9 @@ def test_model_that_fails_to_load_stops_with_a_message(ray_session, model_dir, o
 
 def test_cli_refuses_non_empty_dir_without_traceback(model_dir, odd_images, tmp_path) -> None:
     (tmp_path / "x.txt").write_text("x")
-    result = CliRunner().invoke(app, ["infer", "--model-dir", str(model_dir), "--data-root", str(odd_images),
-                                      "--result-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["infer", "--model-dir", str(model_dir), "--data-root", str(odd_images), "--result-dir", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert "--resume" in result.output and "Traceback" not in result.output
 
@@ -225,11 +281,26 @@ def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shap
     images = sorted(f"images/{f.name}" for f in (root / "images").iterdir())
     paths = [images[i % len(images)] for i in range(1500)]
     (root / "big.csv").write_text("image_path\n" + "\n".join(paths) + "\n")
-    args = ["--model-dir", str(model_dir), "--data-root", str(root), "--csv", "big.csv",
-            "--result-dir", str(out), "--rows-per-shard", "50", "--batch-size", "16"]
+    args = [
+        "--model-dir",
+        str(model_dir),
+        "--data-root",
+        str(root),
+        "--csv",
+        "big.csv",
+        "--result-dir",
+        str(out),
+        "--rows-per-shard",
+        "50",
+        "--batch-size",
+        "16",
+    ]
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "rayimgcls", "infer", *args, "--address", address],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayimgcls", "infer", *args, "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not shard_files(out) and proc.poll() is None and time.monotonic() < deadline:
@@ -244,8 +315,9 @@ def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shap
     summary = infer(model_dir, root, out, csv="big.csv", rows_per_shard=50, batch_size=16, resume=True)
     assert summary.shards_kept == len(kept) and summary.shards_written == 30 - len(kept)
     assert summary.computed == 1500 - 50 * len(kept)
-    assert all((out / name).stat().st_ino == ino and (out / name).read_bytes() == data
-               for name, (ino, data) in kept.items())
+    assert all(
+        (out / name).stat().st_ino == ino and (out / name).read_bytes() == data for name, (ino, data) in kept.items()
+    )
     lines = read_lines(out)
     assert Counter(x["input"] for x in lines) == Counter(paths)
     assert [x["row"] for x in lines] == list(range(2, 1502))

@@ -34,14 +34,35 @@ def test_round_trip_gives_identical_logits_and_every_field(tmp_path):
     model, kwargs = create_model("vit_tiny_patch16_224", 3, IMAGE_SIZE, dropout_rate=0.1, model_kwargs=TINY_VIT)
     from rayimgcls.images import PreprocessConfig
 
-    card = ModelCard("vit_tiny_patch16_224", kwargs, 3, True, ["a", "b", "c"],
-                     PreprocessConfig.from_model(model, IMAGE_SIZE), precision="fp32", training={"epochs": 2})
+    card = ModelCard(
+        "vit_tiny_patch16_224",
+        kwargs,
+        3,
+        True,
+        ["a", "b", "c"],
+        PreprocessConfig.from_model(model, IMAGE_SIZE),
+        precision="fp32",
+        training={"epochs": 2},
+    )
     save_model_dir(model, card, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
-    assert set(cfg) == {"schema_version", "model", "num_classes", "multilabel", "class_names", "preprocess",
-                        "thresholds", "precision", "version", "training", "versions"}
-    assert cfg["model"] == {"name": "vit_tiny_patch16_224", "kwargs": {"num_classes": 3, **TINY_VIT,
-                                                                        "img_size": IMAGE_SIZE, "drop_rate": 0.1}}
+    assert set(cfg) == {
+        "schema_version",
+        "model",
+        "num_classes",
+        "multilabel",
+        "class_names",
+        "preprocess",
+        "thresholds",
+        "precision",
+        "version",
+        "training",
+        "versions",
+    }
+    assert cfg["model"] == {
+        "name": "vit_tiny_patch16_224",
+        "kwargs": {"num_classes": 3, **TINY_VIT, "img_size": IMAGE_SIZE, "drop_rate": 0.1},
+    }
     assert cfg["preprocess"]["input_size"] == IMAGE_SIZE and cfg["preprocess"]["interpolation"] == "bicubic"
     assert {"mean", "std", "crop_pct", "crop_mode", "max_pixels"} <= set(cfg["preprocess"])
     assert cfg["thresholds"] == [0.5, 0.5, 0.5]
@@ -103,8 +124,9 @@ def test_predictor_on_paths_bytes_arrays_and_pil(model_dir, odd_images):
         assert [t["score"] for t in a["top_k"]] == sorted(a["predictions"], reverse=True)[:2]
         assert a["top_k"][0]["label"] == predictor.card.class_names[a["top_k"][0]["index"]]
     rgb = Image.open(files[0]).convert("RGB")
-    np.testing.assert_allclose(predictor.predict([np.asarray(rgb)])[0]["predictions"],
-                               predictor.predict([rgb])[0]["predictions"], atol=1e-6)
+    np.testing.assert_allclose(
+        predictor.predict([np.asarray(rgb)])[0]["predictions"], predictor.predict([rgb])[0]["predictions"], atol=1e-6
+    )
     assert predictor.predict([]) == []
 
 

@@ -33,8 +33,14 @@ from rayimgcls.model import ModelError, Predictor, read_card
 
 API_KEY = "test-key-0123"
 SETTINGS = {  # small reservations so both applications fit in the session's 2 CPUs
-    "num_cpus": 0.25, "ingress_num_cpus": 0.1, "precision": "fp32", "max_batch_size": 8,
-    "batch_wait_timeout_s": 0.05, "max_body_bytes": 200_000, "max_pixels": 4_000_000, "max_images": 8,
+    "num_cpus": 0.25,
+    "ingress_num_cpus": 0.1,
+    "precision": "fp32",
+    "max_batch_size": 8,
+    "batch_wait_timeout_s": 0.05,
+    "max_body_bytes": 200_000,
+    "max_pixels": 4_000_000,
+    "max_images": 8,
 }
 MEDIA = {".jpg": "image/jpeg", ".png": "image/png"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +55,16 @@ def url(ray_session, model_dir, multilabel_model_dir) -> Iterator[str]:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run_many([
-        serve.RunTarget(build_app({"model_dir": str(model_dir), **SETTINGS}), name="plain", route_prefix="/"),
-        serve.RunTarget(build_app({"model_dir": str(multilabel_model_dir), "api_key": API_KEY, **SETTINGS}),
-                        name="secured", route_prefix="/secured"),
-    ])
+    serve.run_many(
+        [
+            serve.RunTarget(build_app({"model_dir": str(model_dir), **SETTINGS}), name="plain", route_prefix="/"),
+            serve.RunTarget(
+                build_app({"model_dir": str(multilabel_model_dir), "api_key": API_KEY, **SETTINGS}),
+                name="secured",
+                route_prefix="/secured",
+            ),
+        ]
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -71,12 +82,14 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def classify(url: str, data: object = None, media: str = "image/png", query: str = "",
-             **kw: object) -> requests.Response:
+def classify(
+    url: str, data: object = None, media: str = "image/png", query: str = "", **kw: object
+) -> requests.Response:
     """POST /v1/classify with `data` as the raw body of type `media`, or with requests' own kwargs."""
     headers = {"Content-Type": media} if data is not None else {}
-    return requests.post(f"{url}/v1/classify{query}", data=data, headers=headers | kw.pop("headers", {}),
-                         timeout=60, **kw)
+    return requests.post(
+        f"{url}/v1/classify{query}", data=data, headers=headers | kw.pop("headers", {}), timeout=60, **kw
+    )
 
 
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
@@ -103,6 +116,7 @@ def assert_error(r: requests.Response, status: int, code: str, index: int | None
 
 # ---------------------------------------------------------------------------------------------------------
 # Routes and successful requests
+
 
 def test_health_metadata_and_docs(url, model_dir):
     assert requests.get(f"{url}/v2/health/live", timeout=30).json() == {"status": "live"}
@@ -160,6 +174,7 @@ def test_multipart_and_json_keep_request_order(url):
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: every 4xx of §6, each with its code
 
+
 def _truncated_jpeg() -> bytes:
     data = jpeg()
     return data[: len(data) // 2]
@@ -181,8 +196,12 @@ BAD_REQUESTS = {  # name -> (requests kwargs, status, code, index of the bad ima
     "empty body": (raw(b""), 400, "empty_body", None),
     "non-image bytes": (raw(b"hello, this is not an image", "image/jpeg"), 415, "unsupported_format", 0),
     "truncated jpeg": (raw(_truncated_jpeg(), "image/jpeg"), 422, "truncated", 0),
-    "jpeg magic, garbage after": (raw(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "image/jpeg"),
-                                  422, "undecodable", 0),
+    "jpeg magic, garbage after": (
+        raw(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "image/jpeg"),
+        422,
+        "undecodable",
+        0,
+    ),
     "tga": (raw(encode(Image.new("RGB", (8, 8)), "TGA"), "image/x-tga"), 415, "unsupported_format", 0),
     "ico": (raw(encode(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon"), 415, "unsupported_format", 0),
     "eps": (raw(EPS, "application/octet-stream"), 415, "unsupported_format", 0),
@@ -199,13 +218,20 @@ BAD_REQUESTS = {  # name -> (requests kwargs, status, code, index of the bad ima
     "top_k a float in json": (one_b64(top_k=2.5), 400, "bad_top_k", None),
     "top_k a bool in json": (one_b64(top_k=True), 400, "bad_top_k", None),
     "text content type": (raw(b"hello", "text/plain"), 415, "unsupported_media_type", None),
-    "form-urlencoded (curl -d)": (raw(png(), "application/x-www-form-urlencoded"),
-                                  415, "unsupported_media_type", None),
-    "bad image inside a multi-image request": ({"files": files(png(1), png(2), _truncated_jpeg(), png(3))},
-                                               422, "truncated", 2),
+    "form-urlencoded (curl -d)": (raw(png(), "application/x-www-form-urlencoded"), 415, "unsupported_media_type", None),
+    "bad image inside a multi-image request": (
+        {"files": files(png(1), png(2), _truncated_jpeg(), png(3))},
+        422,
+        "truncated",
+        2,
+    ),
     "empty file inside a multi-image request": ({"files": files(png(1), b"")}, 400, "empty_image", 1),
-    "too many images": ({"files": files(*[png(i) for i in range(SETTINGS["max_images"] + 1)])},
-                        400, "too_many_images", None),
+    "too many images": (
+        {"files": files(*[png(i) for i in range(SETTINGS["max_images"] + 1)])},
+        400,
+        "too_many_images",
+        None,
+    ),
     "multipart, no boundary": (raw(b"--x\r\n", "multipart/form-data"), 400, "malformed_multipart", None),
     "image sent as a text field": ({"files": {"image": (None, "not a file")}}, 400, "invalid_request", None),
     "declared body over the limit": (raw(b"\xff\xd8\xff" + b"\0" * 300_000), 413, "body_too_large", None),
@@ -229,8 +255,10 @@ def test_content_length_lie_is_not_trusted(url):
     HTTP parser refuses the ambiguous framing outright."""
     port = int(url.rsplit(":", 1)[1])
     body = b"".join(b"%x\r\n%s\r\n" % (10_000, b"\0" * 10_000) for _ in range(30)) + b"0\r\n\r\n"
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
-            b"Content-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + body)
         status = int(s.recv(4096).split(b" ", 2)[1])
@@ -252,8 +280,12 @@ def test_bad_input_fails_only_its_own_request(url, ray_session):
     cases = [kw for kw, _, _, _ in BAD_REQUESTS.values()]
     good = [{"data": png(i), "headers": {"Content-Type": "image/png"}} for i in range(len(cases))]
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda kw: requests.post(f"{url}/v1/classify", timeout=60, **kw).status_code,
-                              [kw for pair in zip(cases, good, strict=True) for kw in pair]))
+        codes = list(
+            pool.map(
+                lambda kw: requests.post(f"{url}/v1/classify", timeout=60, **kw).status_code,
+                [kw for pair in zip(cases, good, strict=True) for kw in pair],
+            )
+        )
     assert codes[1::2] == [200] * len(good)
     assert all(400 <= c < 500 for c in codes[0::2]), codes
     assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
@@ -266,6 +298,7 @@ def test_bad_input_fails_only_its_own_request(url, ray_session):
 
 # ---------------------------------------------------------------------------------------------------------
 # Batching, API key, multi-label
+
 
 @pytest.mark.timeout(120)
 def test_concurrent_requests_are_batched(url):
@@ -313,6 +346,7 @@ def test_multilabel_results_have_labels(url, multilabel_model_dir):
 # ---------------------------------------------------------------------------------------------------------
 # Same answers as the Python API
 
+
 def test_http_matches_python_api(url, model_dir, odd_images):
     paths = sorted((odd_images / "images").iterdir())
     expected = Predictor.from_dir(model_dir, precision="fp32").predict(paths, top_k=NUM_CLASSES)
@@ -330,6 +364,7 @@ def test_http_matches_python_api(url, model_dir, odd_images):
 
 # ---------------------------------------------------------------------------------------------------------
 # Building the application; the serve config; refusals before anything starts
+
 
 def test_build_app_checks_its_args(model_dir):
     from rayimgcls.serve import build_app
@@ -351,8 +386,13 @@ def test_serve_build_writes_the_deployment_options(model_dir, tmp_path):
     out = tmp_path / "built.yaml"
     env = os.environ | {"RAYIMGCLS_MODEL_DIR": str(model_dir)}
     serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or "serve"
-    run = subprocess.run([serve_cli, "build", "rayimgcls.serve:app", "-o", str(out)], env=env,
-                         capture_output=True, text=True, timeout=110)
+    run = subprocess.run(
+        [serve_cli, "build", "rayimgcls.serve:app", "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     [app] = yaml.safe_load(out.read_text())["applications"]
     deployments = {d["name"]: d for d in app["deployments"]}
@@ -361,8 +401,13 @@ def test_serve_build_writes_the_deployment_options(model_dir, tmp_path):
         assert deployments[name]["max_ongoing_requests"] >= defaults.max_batch_size
     model = deployments["ModelServer"]
     assert model["ray_actor_options"]["num_cpus"] == defaults.num_cpus < 1
-    assert set(model["autoscaling_config"]) >= {"min_replicas", "max_replicas", "target_ongoing_requests",
-                                                "upscale_delay_s", "downscale_delay_s"}
+    assert set(model["autoscaling_config"]) >= {
+        "min_replicas",
+        "max_replicas",
+        "target_ongoing_requests",
+        "upscale_delay_s",
+        "downscale_delay_s",
+    }
 
 
 def test_use_gpu_without_a_gpu_is_refused_at_once(ray_session, model_dir):
@@ -400,10 +445,12 @@ def test_app_attribute_for_serve_build(model_dir, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_import_starts_nothing_and_skips_training_code():
-    code = ("import sys, ray, rayimgcls.serve, rayimgcls.cli; "
-            "assert not ray.is_initialized(); "
-            "assert 'rayimgcls.train' not in sys.modules, 'serving imported the training code'; "
-            "print('ok')")
+    code = (
+        "import sys, ray, rayimgcls.serve, rayimgcls.cli; "
+        "assert not ray.is_initialized(); "
+        "assert 'rayimgcls.train' not in sys.modules, 'serving imported the training code'; "
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -436,6 +483,7 @@ def test_port_in_use_is_refused_with_the_address(model_dir):
 # ---------------------------------------------------------------------------------------------------------
 # `rayimgcls serve` as a user runs it: its own Ray, a free port, Ctrl-C
 
+
 def _wait_ready(proc: subprocess.Popen, base: str, headers: dict, log: Path, timeout: float) -> None:
     """Until the endpoint is ready and the command has said where it serves."""
     deadline = time.monotonic() + timeout
@@ -458,8 +506,16 @@ def test_cli_serve_end_to_end(model_dir, tmp_path):
     headers = {"Authorization": f"Bearer {key}"}
     exe = shutil.which("rayimgcls", path=os.path.dirname(sys.executable))
     cmd = ([exe] if exe else [sys.executable, "-m", "rayimgcls"]) + [
-        "serve", "--model-dir", str(model_dir), "--port", str(port), "--num-cpus", "0.5",
-        "--max-batch-size", "4"]
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--num-cpus",
+        "0.5",
+        "--max-batch-size",
+        "4",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYIMGCLS_API_KEY": key}
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -487,7 +543,7 @@ def test_cli_serve_end_to_end(model_dir, tmp_path):
     output = log.read_text()
     assert returncode == 0, f"exit code {returncode}:\n{output[-3000:]}"
     assert "serving" in output and "stopping" in output, output[-3000:]
-    assert "Traceback" not in output, output[output.index("Traceback") - 500:][:3000]
+    assert "Traceback" not in output, output[output.index("Traceback") - 500 :][:3000]
     with socket.socket() as s:  # the HTTP port is free again: Serve's proxy went with it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

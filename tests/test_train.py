@@ -31,9 +31,21 @@ pytestmark = pytest.mark.slow
 
 def tiny_config(root: Path, runs: Path, name: str, **overrides) -> TrainConfig:
     """A seconds-per-epoch configuration for the plumbing tests (accuracy is not their point)."""
-    return TrainConfig(**{**DEMO_RECIPE, "model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT,
-                          "batch_size": 16, "num_epochs": 3, "logging_steps": 1, "torch_threads": 1,
-                          "data_root": str(root), "storage_path": str(runs), "run_name": name, **overrides})
+    return TrainConfig(
+        **{
+            **DEMO_RECIPE,
+            "model": "vit_tiny_patch16_224",
+            "model_kwargs": TINY_VIT,
+            "batch_size": 16,
+            "num_epochs": 3,
+            "logging_steps": 1,
+            "torch_threads": 1,
+            "data_root": str(root),
+            "storage_path": str(runs),
+            "run_name": name,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +103,15 @@ def test_export_reloads_with_identical_logits(trained):
     assert card.preprocess.input_size == 32 and card.training["exported_epoch"] == summary["best_epoch"]
 
 
-def test_a_finished_run_says_so_and_exports_again(trained, capsys):
+def test_a_finished_run_says_so_and_exports_again(trained, capsys, tmp_path):
     cfg, summary = trained
     version = read_card(summary["model_dir"]).version
-    again = run(TrainConfig(**{**cfg.__dict__}))
+    elsewhere = str(tmp_path / "elsewhere")
+    again = run(TrainConfig(**{**cfg.__dict__, "output_dir": elsewhere}))
     assert "is complete" in capsys.readouterr().out
-    assert read_card(again["model_dir"]).version == version
+    assert again["model_dir"] == elsewhere and read_card(elsewhere).version == version
+    kept = ("seconds", "steps", "best_epoch", "num_train", "skipped_rows", "images_per_s")
+    assert {k: again[k] for k in kept} == {k: summary[k] for k in kept}  # the run's figures, not the export's
 
 
 def test_a_changed_setting_is_refused_with_the_difference(trained):
@@ -112,8 +127,14 @@ def test_multilabel_fine_tuned_from_the_multiclass_model_reaches_90_map(trained,
     it passes 0.9 in ten epochs."""
     _, single = trained
     root = make_dataset(tmp_path / "data", SynthConfig(num_images=2400, multilabel=True, seed=6))
-    cfg = demo_train_config(str(root), str(tmp_path / "runs"), "ml", multilabel=True, num_epochs=10,
-                            pretrained=str(Path(single["model_dir"]) / "model.safetensors"))
+    cfg = demo_train_config(
+        str(root),
+        str(tmp_path / "runs"),
+        "ml",
+        multilabel=True,
+        num_epochs=10,
+        pretrained=str(Path(single["model_dir"]) / "model.safetensors"),
+    )
     summary = run(cfg)
     assert summary["metric"] == "map" and summary["best"]["map"] >= 0.9, summary
     assert read_card(summary["model_dir"]).thresholds == [0.5] * 4
@@ -133,12 +154,44 @@ def wait_for_checkpoint(cfg: TrainConfig, epoch: int, timeout: float = 240) -> N
 def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
     cfg = tiny_config(small_root, tmp_path, "resume", num_epochs=4)
     address = ray_session.get_runtime_context().gcs_address
-    args = [sys.executable, "-m", "rayimgcls.train", "--address", address, "--data-root", cfg.data_root,
-            "--storage-path", cfg.storage_path, "--run-name", cfg.run_name, "--model", cfg.model,
-            "--model-kwargs", json.dumps(cfg.model_kwargs), "--image-size", "32", "--batch-size", "16",
-            "--num-epochs", "4", "--logging-steps", "1", "--learning-rate", str(cfg.learning_rate),
-            "--weight-decay", str(cfg.weight_decay), "--no-random-resized-crop", "--vflip", "0.5",
-            "--color-jitter", "0", "--precision", "fp32", "--torch-threads", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "rayimgcls.train",
+        "--address",
+        address,
+        "--data-root",
+        cfg.data_root,
+        "--storage-path",
+        cfg.storage_path,
+        "--run-name",
+        cfg.run_name,
+        "--model",
+        cfg.model,
+        "--model-kwargs",
+        json.dumps(cfg.model_kwargs),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--num-epochs",
+        "4",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        str(cfg.learning_rate),
+        "--weight-decay",
+        str(cfg.weight_decay),
+        "--no-random-resized-crop",
+        "--vflip",
+        "0.5",
+        "--color-jitter",
+        "0",
+        "--precision",
+        "fp32",
+        "--torch-threads",
+        "1",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_checkpoint(cfg, 2)
@@ -169,8 +222,7 @@ def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, small_root, tmp_path):
-    cfg = tiny_config(small_root, tmp_path, "faults", num_workers=2, cpus_per_worker=0.5, max_failures=1,
-                      num_epochs=4)
+    cfg = tiny_config(small_root, tmp_path, "faults", num_workers=2, cpus_per_worker=0.5, max_failures=1, num_epochs=4)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run(cfg)))
     thread.start()
@@ -234,8 +286,14 @@ def test_fine_tuning_starts_from_local_weights(ray_session, small_root, tmp_path
     torch.manual_seed(1)
     source, _ = create_model("vit_tiny_patch16_224", 10, 32, model_kwargs=TINY_VIT)
     save_file(source.state_dict(), tmp_path / "backbone.safetensors")
-    cfg = tiny_config(small_root, tmp_path / "runs", "finetune", num_epochs=1, learning_rate=1e-9,
-                      pretrained=str(tmp_path / "backbone.safetensors"))
+    cfg = tiny_config(
+        small_root,
+        tmp_path / "runs",
+        "finetune",
+        num_epochs=1,
+        learning_rate=1e-9,
+        pretrained=str(tmp_path / "backbone.safetensors"),
+    )
     model, _ = load_model_dir(run(cfg)["model_dir"])
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, atol=1e-6, rtol=0)
     with pytest.raises(ModelError, match="not found"):
@@ -259,11 +317,28 @@ def test_data_and_model_checks_before_ray(small_root, tmp_path):
 
 
 def test_cli_entry_points(small_root, tmp_path):
-    help_out = subprocess.run([sys.executable, "-m", "rayimgcls.train", "--help"], capture_output=True, text=True,
-                              timeout=120)
+    help_out = subprocess.run(
+        [sys.executable, "-m", "rayimgcls.train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert help_out.returncode == 0 and "--num-epochs" in help_out.stdout and "--learning-rate" in help_out.stdout
-    bad = subprocess.run([sys.executable, "-m", "rayimgcls", "train", "--data-root", str(small_root),
-                          "--num-epochs", "0", "--batch-size", "10", "--num-workers", "3"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayimgcls",
+            "train",
+            "--data-root",
+            str(small_root),
+            "--num-epochs",
+            "0",
+            "--batch-size",
+            "10",
+            "--num-workers",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "num_epochs=0: allowed >= 1" in bad.stderr and "Traceback" not in bad.stderr
     assert "batch_size=10: must divide evenly by num_workers=3" in bad.stderr
