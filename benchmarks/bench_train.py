@@ -101,8 +101,7 @@ def ray_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, s
 
     n = args.steps * args.batch_size
     cfg = config(args, "in-memory", storage, f"loop-{run}", 3)
-    data = ray.data.from_numpy(images[:n]).rename_columns({"data": "image"})
-    data = data.zip(ray.data.from_numpy(labels[:n]).rename_columns({"data": "label"})).materialize()
+    data = ray.data.from_items([{"image": images[i], "label": labels[i]} for i in range(n)]).materialize()
     model, kwargs = create_model(args.model, 10, args.image_size)
     ctx = LoopContext(
         cfg=dataclasses.asdict(cfg),

@@ -15,7 +15,8 @@
 #   RUNTIME_ENV     default jobs/runtime_env.yaml; this shell's AWS_* S3 settings are added to its env_vars.
 #   SUBMISSION_ID   optional job id (ray job submit --submission-id).
 #   PYTHON          the local Python that has Ray (default: python).
-# The exit status is that of the job: 0 when it succeeded, 1 when it failed.
+# The exit status is that of `ray job submit`: 0 when the job succeeded (or was stopped with `ray job stop`),
+# 1 when it failed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -406,9 +406,8 @@ def plan_pool(cfg: InferConfig) -> PoolPlan:
     from rayimgcls.runtime import check_resources, max_resources
 
     nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    pool = size_pool(
-        cfg, nodes, gpus=int(ray.cluster_resources().get("GPU", 0)), max_cpus=max_resources().get("CPU", 0.0)
-    )
+    most = max_resources()  # an autoscaling cluster's maximum where it says it: an actor per GPU it can have
+    pool = size_pool(cfg, nodes, gpus=int(most.get("GPU", 0)), max_cpus=most.get("CPU", 0.0))
     check_resources("inference", cpus=pool.actors * pool.cpus, gpus=pool.actors * pool.gpus)
     return pool
 

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from rayimgcls.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,6 +54,13 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
     """
     import ray
 
+    given = address or os.environ.get("RAY_ADDRESS", "")
+    if given.startswith(("http://", "https://")):  # ray.init fails on these with a bare ValueError
+        raise ConfigError(
+            f"Ray address {given!r} is a dashboard address, which takes job submissions: submit with "
+            "jobs/submit_train.sh / jobs/submit_infer.sh (or `ray job submit`), or give the cluster's GCS "
+            "address (HEAD:6379, or `auto` on a node of the cluster) to run from here"
+        )
     if ray.is_initialized():
         return
     joining = bool(address or os.environ.get("RAY_ADDRESS"))
@@ -77,15 +86,42 @@ def max_resources() -> dict[str, float]:
     return {k: float(v) for k, v in (configured or ray.cluster_resources()).items()}
 
 
+def max_is_known() -> bool:
+    """False on a cluster whose autoscaler does not publish its maximum (the `ray up` autoscaler, v1): there
+    max_resources() is only what runs now, and the autoscaler may add more when asked."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if state.get_max_resources_from_cluster_config():
+            return True
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return not can_add_nodes(json.loads(status or "{}"))
+    except Exception:  # noqa: BLE001 - private APIs that moved: assume a fixed cluster and check
+        return True
+
+
+def can_add_nodes(status: dict) -> bool:
+    """Whether the autoscaler status Ray's monitor publishes is that of a launcher's autoscaler. Every cluster
+    runs the monitor; without an autoscaling config (`ray start`, `ray.init()`) it names each node's type after
+    the node itself, where a launcher's names node types (head, gpu_worker, ...)."""
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
 def check_resources(what: str, *, cpus: float = 0.0, gpus: float = 0.0) -> None:
-    """Raise ResourceError at once, with the numbers, if `cpus`/`gpus` in total can never be had."""
+    """Raise ResourceError at once, with the numbers, if `cpus`/`gpus` in total can never be had. On an
+    autoscaling cluster that does not say its maximum, warn instead: the request waits for new nodes."""
     have = max_resources()
     problems = []
     if gpus > have.get("GPU", 0):
         problems.append(f"{gpus:g} GPU(s) requested, the cluster has {have.get('GPU', 0):g}")
     if cpus > have.get("CPU", 0):
         problems.append(f"{cpus:g} CPU(s) requested, the cluster has {have.get('CPU', 0):g}")
-    if problems:
+    if problems and not max_is_known():
+        logger.warning("%s: %s now; waiting for the autoscaler to add nodes", what, "; ".join(problems))
+    elif problems:
         raise ResourceError(f"{what}: " + "; ".join(problems))
 
 
@@ -117,6 +153,12 @@ def main(argv: list[str]) -> None:
         print(json.dumps(job_runtime_env(argv[0])))
     except (OSError, ValueError, yaml.YAMLError) as e:
         sys.exit(f"error: runtime env {argv[0]}: {e}")
+    if "AWS_SECRET_ACCESS_KEY" in s3_env_vars():
+        print(
+            "note: this shell's AWS keys go to the job's runtime env, which whoever holds the cluster's token can "
+            "read; on AWS prefer an instance role or IRSA and unset them here",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

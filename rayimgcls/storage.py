@@ -36,16 +36,26 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def s3_filesystem(uri: str) -> pafs.S3FileSystem:
-    """The S3 filesystem of an s3:// URI, configured from the standard AWS variables.
+    """The S3 filesystem of an s3:// URI, configured from the standard AWS variables, one per process and
+    setting (a new one per file would fetch credentials per image: instance metadata, or STS under IRSA).
 
     The endpoint comes from AWS_ENDPOINT_URL (MinIO, Ceph, moto): a plain `S3FileSystem()` ignores that variable.
-    The region comes from AWS_DEFAULT_REGION / AWS_REGION, else from the bucket itself (looked up once).
+    On AWS the region is the bucket's own (looked up once), AWS_DEFAULT_REGION / AWS_REGION only where that
+    lookup fails: a client's region passed on to a job must not point workers at the wrong one.
     `allow_delayed_open` sends an object smaller than one upload part (every file rayimgcls writes except large
     weights) as one PUT when it is closed, instead of a three-request multipart upload opened before any byte is
     written; errors still surface, at close.
     """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    bucket = "" if os.environ.get("AWS_ENDPOINT_URL") else uri[len("s3://") :].split("/", 1)[0]
+    return _s3_filesystem(settings, bucket)
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_filesystem(settings: tuple[tuple[str, str], ...], bucket: str) -> pafs.S3FileSystem:
+    env = dict(settings)
+    endpoint = env.get("AWS_ENDPOINT_URL")
+    region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")
     if endpoint:
         return pafs.S3FileSystem(
             endpoint_override=endpoint,
@@ -53,13 +63,12 @@ def s3_filesystem(uri: str) -> pafs.S3FileSystem:
             region=region or "us-east-1",
             allow_delayed_open=True,
         )
-    bucket = uri[len("s3://") :].split("/", 1)[0]
-    return pafs.S3FileSystem(region=region or _bucket_region(bucket), allow_delayed_open=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _bucket_region(bucket: str) -> str:
-    return pafs.resolve_s3_region(bucket)
+    try:
+        region = pafs.resolve_s3_region(bucket)
+    except OSError:
+        if not region:
+            raise
+    return pafs.S3FileSystem(region=region, allow_delayed_open=True)
 
 
 def train_storage(path: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:

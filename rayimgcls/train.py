@@ -35,7 +35,7 @@ from rayimgcls.dataset import (
 )
 from rayimgcls.images import Augment, PreprocessConfig
 from rayimgcls.model import ModelCard, ModelError, check_model_name, create_model, load_weights, save_model_dir
-from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_resources
+from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources
 from rayimgcls.train_worker import (
     METRICS_FILE,
     LoopContext,
@@ -138,7 +138,7 @@ def check_cluster(cfg: TrainConfig, cpus: float) -> None:
         cpus=cfg.num_workers * cpus,
         gpus=cfg.num_workers if cfg.use_gpu else 0,
     )
-    if cfg.num_workers * cpus > total - 0.5:
+    if cfg.num_workers * cpus > total - 0.5 and max_is_known():
         raise ResourceError(
             f"{cfg.num_workers} worker(s) x {cpus:g} CPU = {cfg.num_workers * cpus:g} of the "
             f"cluster's {total:g} CPUs leaves Ray Data none to decode images (the run would hang); "

@@ -56,6 +56,7 @@ def test_an_object_larger_than_an_upload_part_round_trips(s3: S3Server) -> None:
 def test_s3_settings_come_from_the_aws_variables(s3: S3Server, monkeypatch) -> None:
     fs, inner = storage.filesystem(s3.uri("x", "y.txt"))
     assert isinstance(fs, pafs.S3FileSystem) and inner == f"{s3.uri()[5:]}/x/y.txt" and fs.region == "us-east-1"
+    assert storage.filesystem(s3.uri("other", "z.jpg"))[0] is fs  # one client per process, not one per file
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert storage.filesystem(s3.uri("x"))[0].region == "eu-west-1"
     with pytest.raises(OSError, match="no-such-bucket"):
