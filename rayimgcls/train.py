@@ -211,7 +211,10 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre:
         cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment
     )
     spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment, data.classes.num_classes, cfg.multilabel)
-    datasets = {"train": image_dataset(data.train, spec, shuffle_blocks=True).select_columns(["image", "label"])}
+    # Rows permuted once (seeded) so that every block mixes the classes: CSVs often list them one after another
+    # (from-folders does), and per-epoch shuffling below only reorders blocks and mixes a few batches' rows.
+    rows = data.train.sample(frac=1.0, random_state=cfg.seed)
+    datasets = {"train": image_dataset(rows, spec, shuffle_blocks=True).select_columns(["image", "label"])}
     if len(data.validation):
         eval_spec = dataclasses.replace(spec, augment=None)
         validation = image_dataset(data.validation, eval_spec).select_columns(["image", "label"])

@@ -238,7 +238,10 @@ def train_loop(config: dict) -> None:
             batch_size=batch_size,
             drop_last=True,
             device=device,
-            local_shuffle_buffer_size=max(4 * batch_size, 256),
+            # Small on purpose: the first batch of each epoch waits until the buffer holds this many decoded rows
+            # (a 256-row buffer was most of the 5% data wait measured by benchmarks/bench_train.py); the rows
+            # are permuted on the driver and the block order changes every epoch.
+            local_shuffle_buffer_size=2 * batch_size,
             dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
         )
         for wait, batch in timed(iter(batches)):
