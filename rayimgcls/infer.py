@@ -561,8 +561,9 @@ class Progress:
 
 def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
     """Predict every input row into `cfg.result_dir` (see the module docstring); returns the summary."""
-    from rayimgcls.runtime import init_ray
+    from rayimgcls.runtime import check_address, init_ray
 
+    check_address(address)  # before the result dir is touched
     card = check_model_dir(cfg.model_dir)
     inputs = read_inputs(cfg)
     rows = inputs.frame["row"].to_numpy()

@@ -44,6 +44,18 @@ def with_s3_env(runtime_env: dict | None) -> dict | None:
     return env
 
 
+def check_address(address: str | None = None) -> None:
+    """Refuse a dashboard URL as the Ray address (`ray.init` fails on one with a bare ValueError), before a
+    command writes anything."""
+    given = address or os.environ.get("RAY_ADDRESS", "")
+    if given.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {given!r} is a dashboard address, which takes job submissions: submit with "
+            "jobs/submit_train.sh / jobs/submit_infer.sh (or `ray job submit`), or give the cluster's GCS "
+            "address (HEAD:6379, or `auto` on a node of the cluster) to run from here"
+        )
+
+
 def init_ray(address: str | None = None, *, runtime_env: dict | None = None, quiet: bool = True) -> None:
     """Use the cluster at `address` (or RAY_ADDRESS, or the job's cluster under `ray job submit`), else
     start a local Ray. A local Ray turns token authentication on; we leave it on.
@@ -54,13 +66,7 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
     """
     import ray
 
-    given = address or os.environ.get("RAY_ADDRESS", "")
-    if given.startswith(("http://", "https://")):  # ray.init fails on these with a bare ValueError
-        raise ConfigError(
-            f"Ray address {given!r} is a dashboard address, which takes job submissions: submit with "
-            "jobs/submit_train.sh / jobs/submit_infer.sh (or `ray job submit`), or give the cluster's GCS "
-            "address (HEAD:6379, or `auto` on a node of the cluster) to run from here"
-        )
+    check_address(address)
     if ray.is_initialized():
         return
     joining = bool(address or os.environ.get("RAY_ADDRESS"))

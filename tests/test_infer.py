@@ -272,6 +272,14 @@ def test_cli_refuses_non_empty_dir_without_traceback(model_dir, odd_images, tmp_
     assert "--resume" in result.output and "Traceback" not in result.output
 
 
+def test_a_dashboard_address_is_refused_before_the_result_dir_is_touched(model_dir, odd_images, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["infer", "--model-dir", str(model_dir), "--data-root", str(odd_images), "--result-dir", str(out)]
+    result = CliRunner().invoke(app, [*args, "--address", "http://127.0.0.1:8265"])
+    assert result.exit_code == 2 and "dashboard address" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 @pytest.mark.timeout(240)
 def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shapes_root, tmp_path) -> None:
     """Kill `rayimgcls infer` (the process we started) once its first shard lands; --resume keeps the
