@@ -401,11 +401,10 @@ class PoolPlan:
 
 def plan_pool(cfg: InferConfig) -> PoolPlan:
     """The pool for the cluster Ray is connected to; see size_pool."""
-    import ray
 
-    from rayimgcls.runtime import check_resources, max_resources
+    from rayimgcls.runtime import check_resources, max_resources, node_cpus
 
-    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    nodes = node_cpus()
     most = max_resources()  # an autoscaling cluster's maximum where it says it: an actor per GPU it can have
     pool = size_pool(cfg, nodes, gpus=int(most.get("GPU", 0)), max_cpus=most.get("CPU", 0.0))
     check_resources("inference", cpus=pool.actors * pool.cpus, gpus=pool.actors * pool.gpus)

@@ -131,10 +131,11 @@ def check_resources(what: str, *, cpus: float = 0.0, gpus: float = 0.0) -> None:
         raise ResourceError(f"{what}: " + "; ".join(problems))
 
 
-def cluster_cpus() -> float:
+def node_cpus() -> list[float]:
+    """The CPUs of each live node that has any (a CPU-less head is left out)."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 0))
+    return [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
 
 
 def job_runtime_env(path: str) -> dict:

@@ -35,7 +35,7 @@ from rayimgcls.dataset import (
 )
 from rayimgcls.images import Augment, PreprocessConfig
 from rayimgcls.model import ModelCard, ModelError, check_model_name, create_model, load_weights, save_model_dir
-from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources
+from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
 from rayimgcls.train_worker import (
     METRICS_FILE,
     LoopContext,
@@ -124,10 +124,9 @@ def worker_cpus(cfg: TrainConfig) -> float:
         return cfg.cpus_per_worker
     if cfg.use_gpu:
         return 1.0
-    import ray
 
     total = max_resources().get("CPU", 0.0)
-    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
+    largest_node = max(node_cpus(), default=total)
     return max(0.25, min((total - 1) / cfg.num_workers, largest_node))
 
 
