@@ -9,12 +9,13 @@ decode tasks that import it start in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -56,15 +57,8 @@ def sniff_format(data: bytes) -> str | None:
     return next((name for name, matches in _SIGNATURES if matches(data)), None)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
-    """Decode image bytes to an upright RGB image.
-
-    The pixel count is checked from the header before any pixel is decoded (decompression bombs); the
-    decode is complete (a truncated file fails here, unlike `verify()`); EXIF orientation is applied; every
-    PIL mode becomes three-channel RGB (see `to_rgb`). With `min_side`, a JPEG is decoded at the largest
-    DCT reduction (1/2, 1/4, 1/8) whose both sides stay >= min_side: several times faster on camera-size
-    files, and the caller's resize still sees a larger picture than it produces.
-    """
+def _open(data: bytes) -> tuple[Image.Image, str]:
+    """PIL's lazy open of sniffed bytes: reads the header only."""
     if not data:
         raise ImageError("empty image: zero bytes", "empty")
     fmt = sniff_format(data)
@@ -72,29 +66,64 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
         raise ImageError(
             f"not a supported image format (accepted: {', '.join(ACCEPTED_FORMATS)})", "unsupported_format"
         )
+    with _as_image_error(fmt), warnings.catch_warnings():
+        # Our own pixel limit replaces PIL's bomb warning, and PIL's warnings about corrupt metadata would only
+        # be noise in a worker's log: the file either decodes (and is used) or raises (and is reported).
+        warnings.simplefilter("ignore")
+        return Image.open(io.BytesIO(data), formats=[fmt]), fmt
+
+
+def image_pixels(data: bytes) -> int:
+    """width x height from the header alone (no pixel is decoded): what a request's pixel budget counts."""
+    img, _ = _open(data)
+    return img.size[0] * img.size[1]
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB image.
+
+    The pixel count is checked from the header before any pixel is decoded (decompression bombs); the
+    decode is complete (a truncated file fails here, unlike `verify()`); EXIF orientation is applied; every
+    PIL mode becomes three-channel RGB (see `to_rgb`). With `min_side`, a JPEG is decoded at the largest
+    DCT reduction (1/2, 1/4, 1/8) whose both sides stay >= min_side: several times faster on camera-size
+    files, and the caller's resize still sees a larger picture than it produces. Whatever goes wrong with the
+    bytes is an ImageError, so one bad file never fails more than its own row or request.
+    """
+    img, fmt = _open(data)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}", "too_many_pixels"
+        )
+    with _as_image_error(fmt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in _open
+        if min_side is not None and fmt == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+@contextlib.contextmanager
+def _as_image_error(fmt: str) -> Iterator[None]:
+    """Every exception PIL raises on a client's bytes becomes an ImageError with a stable code.
+
+    Corrupt files surface as OSError, SyntaxError, EOFError or ValueError, but also as struct.error,
+    OverflowError, IndexError or MemoryError from inside a plugin; they all mean "these bytes are not
+    pixels", which is the file's problem (a 4xx, an error line), not ours (a 500, a failed job).
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
-            img = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}", "too_many_pixels"
-                )
-            if min_side is not None and fmt == "JPEG":
-                img.draft("RGB", (min_side, min_side))
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(str(e), "too_many_pixels") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode {fmt}: the file starts like one but its header is corrupt") from None
-    except (OSError, SyntaxError, EOFError, ValueError) as e:
+    except MemoryError:
+        raise ImageError(f"cannot decode {fmt}: it needs more memory than this process has") from None
+    except Exception as e:  # noqa: BLE001 - see the docstring: any failure inside PIL is the file's
         code = "truncated" if "truncat" in str(e).lower() or isinstance(e, EOFError) else "undecodable"
-        raise ImageError(f"cannot decode {fmt}: {e}", code) from None
-    return to_rgb(img)
+        raise ImageError(f"cannot decode {fmt}: {e or type(e).__name__}", code) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -168,6 +197,7 @@ class PreprocessConfig:
 
 
 Transform = Callable[[Image.Image], np.ndarray]
+FULL_RESIZE_AREA = 64  # see resize_and_crop: up to 64 crops' worth of pixels, the resize is timm's to the pixel
 
 _INTERPOLATION = {
     "nearest": Image.NEAREST,
@@ -189,12 +219,34 @@ def to_chw(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def resize_shorter(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """Shorter side -> `size`, aspect kept (torchvision's Resize(int) on a PIL image, to the pixel)."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    return img.resize((new_short, new_long) if w <= h else (new_long, new_short), resample)
+def center_crop_box(width: int, height: int, resized: tuple[int, int], size: int) -> tuple[float, ...]:
+    """The region of a (width, height) image that torchvision's Resize(resized) + CenterCrop(size) keeps, in
+    the source's coordinates: (left, top, right, bottom)."""
+    new_w, new_h = resized
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def resized_shorter(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) torchvision's Resize(int) gives: shorter side -> `size`, aspect kept."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_and_crop(img: Image.Image, resized: tuple[int, int], size: int, resample: int) -> Image.Image:
+    """Resize to `resized`, then centre crop `size` x `size`, with memory bounded by the crop, whatever the shape.
+
+    Ordinary shapes (the resized image at most FULL_RESIZE_AREA crops) are resized whole and cropped, exactly
+    as timm does. Beyond that only the kept region is computed, with PIL's `resize(box=...)`: it samples the
+    source at the same positions with the same filter (reading pixels just outside the box, as the full resize
+    does), equal to the full resize up to float rounding (a grey level on a few pixels), but with the work and
+    memory of the crop: a 1 x 40,000,000 image would otherwise be resized to 36 x 1.4 billion pixels first.
+    """
+    if resized[0] * resized[1] <= FULL_RESIZE_AREA * size * size:
+        return center_crop(img.resize(resized, resample), size)
+    return img.resize((size, size), resample, box=center_crop_box(*img.size, resized, size))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -206,13 +258,13 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def eval_transform(pre: PreprocessConfig) -> Transform:
     """Resize + centre crop -> uint8 (3, S, S): timm's eval transform (same geometry, same PIL resampling)
-    without the normalisation, in plain PIL so decode tasks need not import torch."""
-    resample = _interpolation(pre.interpolation)
+    without the normalisation, in plain PIL so decode tasks need not import torch. `center` resizes the
+    shorter side to `resize_side`; `squash` resizes both sides to it (the aspect ratio is not kept)."""
+    resample, side, size = _interpolation(pre.interpolation), pre.resize_side, pre.input_size
     if pre.crop_mode == "center":
-        return lambda img: to_chw(center_crop(resize_shorter(img, pre.resize_side, resample), pre.input_size))
+        return lambda img: to_chw(resize_and_crop(img, resized_shorter(*img.size, side), size, resample))
     if pre.crop_mode == "squash":
-        side = pre.resize_side
-        return lambda img: to_chw(center_crop(img.resize((side, side), resample), pre.input_size))
+        return lambda img: to_chw(resize_and_crop(img, (side, side), size, resample))
     raise ValueError(f"crop_mode {pre.crop_mode!r}: supported are center and squash")
 
 

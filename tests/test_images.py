@@ -3,6 +3,7 @@ timm's to the pixel."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 
@@ -143,3 +144,68 @@ def test_reduced_jpeg_decode_keeps_the_picture():
     reduced = preprocess(big, pre).astype(int)
     full = eval_transform(pre)(decode_image(big)).astype(int)
     assert np.abs(reduced - full).mean() < 2.0
+
+
+def test_shorter_side_resize_computes_only_the_crop():
+    """Extreme shapes are resized only where the centre crop keeps pixels: the same picture as a full resize
+    followed by the crop (timm's order), within a grey level on average even for noise upsampled 7x (ordinary
+    shapes take the full resize and are compared to the pixel against timm above)."""
+    from rayimgcls.images import resize_and_crop, resized_shorter
+
+    for shape in ((3, 700), (900, 5), (2, 3000)):
+        img = Image.fromarray(RNG.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        resized = resized_shorter(*img.size, 36)
+        full = img.resize(resized, Image.BICUBIC)
+        left, top = int(round((resized[0] - 32) / 2.0)), int(round((resized[1] - 32) / 2.0))
+        want = np.asarray(full.crop((left, top, left + 32, top + 32)))
+        got = np.asarray(resize_and_crop(img, resized, 32, Image.BICUBIC)).astype(int)
+        assert np.abs(got - want).mean() < 1.0, shape
+
+
+THIN_IMAGES = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a full resize of these needs 20-150 GB
+from PIL import Image
+from rayimgcls.images import PreprocessConfig, preprocess
+import io
+for size in [(1, 40_000_000), (100_000, 1), (1, 100_000)]:
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "PNG")
+    for mode in ("center", "squash"):
+        out = preprocess(buf.getvalue(), PreprocessConfig(input_size=224, crop_mode=mode))
+        assert out.shape == (3, 224, 224) and int(out.mean()) == 128, (size, mode, out.mean())
+print("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MB peak")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_thin_and_long_images_preprocess_in_bounded_memory():
+    """A 1 x 40,000,000 PNG (40 KB, under the 50 MP limit) and 1 x 100,000 images: before the bounded resize
+    the first was a MemoryError and the others allocated gigabytes; now they predict in a 3 GiB address space."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", THIN_IMAGES], capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-3000:]
+
+
+def test_any_failure_inside_the_decoder_is_an_image_error():
+    """A TIFF whose StripOffsets tag says DOUBLE makes PIL raise TypeError from load(); random byte flips in
+    every accepted format raise whatever their plugin raises. All of it is an ImageError (a 422 or an error
+    line), never another exception."""
+    tiff = encode(Image.new("L", (24, 20)), "TIFF")
+    strip_offsets_long = b"\x11\x01\x04\x00"  # IFD entry: tag 0x0111, type LONG (little-endian TIFF)
+    assert tiff.count(strip_offsets_long) == 1
+    bad = tiff.replace(strip_offsets_long, b"\x11\x01\x0c\x00")
+    with pytest.raises(ImageError) as e:
+        preprocess(bad, PreprocessConfig(input_size=16))
+    assert e.value.code == "undecodable"
+    rng = random.Random(7)
+    for fmt in ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP"):
+        data = encode(RGB.convert("L") if fmt == "TIFF" else RGB, fmt)
+        for _ in range(60):
+            flipped = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                flipped[rng.randrange(min(len(data), 200))] = rng.choice([0, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+            with contextlib.suppress(ImageError):  # pixels or an ImageError; anything else fails the test
+                preprocess(bytes(flipped), PreprocessConfig(input_size=16))
