@@ -211,12 +211,17 @@ class ServeConfig:
     port: int = opt(8000, "HTTP port.")
     route_prefix: str = opt("/", "URL prefix of the application.")
     name: str = opt("rayimgcls", "Serve application name.")
-    api_key: str | None = opt(None, "Bearer token required on every route but liveness (or RAYIMGCLS_API_KEY).")
+    api_key: str | None = opt(None, "Bearer token required on every route that uses the model (or RAYIMGCLS_API_KEY).")
+    allow_no_key: bool = opt(False, "Allow a host beyond loopback without an API key (refused otherwise).")
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
     use_gpu: bool = opt(False, "One GPU per model replica.")
     num_cpus: float = opt(0.5, "CPUs reserved per model replica (fractional so replicas fit on small hosts).")
     ingress_num_cpus: float = opt(0.25, "CPUs reserved per ingress replica.")
     ingress_replicas: int = opt(1, "Ingress replicas (they validate and decode images).")
+    ingress_max_ongoing_requests: int = opt(
+        512, "Requests one ingress replica holds at once (async: slow uploads wait here, not in a model slot)."
+    )
+    max_concurrent_decodes: int = opt(2, "Requests one ingress replica decodes at once (each in a thread).")
     torch_threads: int | None = opt(None, "Torch threads per model replica; default max(1, floor(num_cpus)).")
     max_batch_size: int = opt(16, "Largest batch @serve.batch forms (1 turns batching off).")
     batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill.")
@@ -234,7 +239,11 @@ class ServeConfig:
     look_back_period_s: float = opt(30.0, "Autoscaling: averaging window (> Serve's 10 s metrics interval).")
     max_body_bytes: int = opt(20 * 1024 * 1024, "Largest request body accepted (413 beyond).")
     max_pixels: int = opt(50_000_000, "Largest image in pixels (422 beyond), checked before decoding.")
+    max_request_pixels: int = opt(64_000_000, "Most pixels summed over a request's images (413 beyond).")
     max_images: int = opt(64, "Most images in one request.")
+    max_buffered_bytes: int = opt(512 * 1024 * 1024, "Request bodies one ingress replica holds at once (503 beyond).")
+    body_idle_timeout_s: float = opt(15.0, "A request body that sends nothing for this long gets 408.")
+    body_timeout_s: float = opt(300.0, "Longest a request body may take to arrive (20 MB at 0.5 Mbit/s); 408 beyond.")
 
     def __post_init__(self) -> None:
         errors = [
@@ -244,6 +253,8 @@ class ServeConfig:
             _check(self, "num_cpus", self.num_cpus >= 0, ">= 0"),
             _check(self, "ingress_num_cpus", self.ingress_num_cpus >= 0, ">= 0"),
             _check(self, "ingress_replicas", self.ingress_replicas >= 1, ">= 1"),
+            _check(self, "ingress_max_ongoing_requests", self.ingress_max_ongoing_requests >= 1, ">= 1"),
+            _check(self, "max_concurrent_decodes", self.max_concurrent_decodes >= 1, ">= 1"),
             _check(self, "torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1"),
             _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1"),
             _check(self, "batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0"),
@@ -264,6 +275,10 @@ class ServeConfig:
             _check(self, "max_body_bytes", self.max_body_bytes >= 1, ">= 1"),
             _check(self, "max_pixels", self.max_pixels >= 1, ">= 1"),
             _check(self, "max_images", self.max_images >= 1, ">= 1"),
+            _check(self, "max_request_pixels", self.max_request_pixels >= self.max_pixels, ">= max_pixels"),
+            _check(self, "max_buffered_bytes", self.max_buffered_bytes >= self.max_body_bytes, ">= max_body_bytes"),
+            _check(self, "body_idle_timeout_s", self.body_idle_timeout_s > 0, "> 0"),
+            _check(self, "body_timeout_s", self.body_timeout_s >= self.body_idle_timeout_s, ">= body_idle_timeout_s"),
         ]
         if not self.model_dir:
             errors.append("model_dir: required")

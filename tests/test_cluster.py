@@ -276,9 +276,16 @@ def test_serve_config_and_rayservice_agree_and_deploy_rayimgcls() -> None:
         assert getattr(import_module(module), attr) is build_app
         check_keys(ServeConfig, application["args"], "args")
         load_config(ServeConfig, overrides=application["args"])  # every value converts and passes the checks
-    for container in containers(service["spec"]["rayClusterConfig"]):
-        (key,) = [e for e in container["env"] if e["name"] == "RAYIMGCLS_API_KEY"]
-        assert key["valueFrom"]["secretKeyRef"]["name"] and not key["valueFrom"]["secretKeyRef"].get("optional")
+
+
+def test_clusters_that_can_serve_require_the_api_key_secret() -> None:
+    """An endpoint on these clusters binds 0.0.0.0: a Secret marked optional would open it silently when missing."""
+    specs = kuberay_cluster_specs()
+    for name in ("raycluster.yaml", "rayservice.yaml"):
+        for container in containers(specs[name]):
+            (key,) = [e for e in container["env"] if e["name"] == "RAYIMGCLS_API_KEY"]
+            ref = key["valueFrom"]["secretKeyRef"]
+            assert ref["name"] and not ref.get("optional"), (name, ref)
 
 
 def test_job_files() -> None:

@@ -40,7 +40,10 @@ SETTINGS = {  # small reservations so both applications fit in the session's 2 C
     "batch_wait_timeout_s": 0.05,
     "max_body_bytes": 200_000,
     "max_pixels": 4_000_000,
+    "max_request_pixels": 6_000_000,
     "max_images": 8,
+    "body_idle_timeout_s": 3.0,
+    "body_timeout_s": 12.0,
 }
 MEDIA = {".jpg": "image/jpeg", ".png": "image/png"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,9 +186,37 @@ def _truncated_jpeg() -> bytes:
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
 
 
-def raw(data: bytes, media: str = "image/png", **params: str) -> dict:
-    """requests kwargs for a raw-body request."""
-    return {"data": data, "headers": {"Content-Type": media}, "params": params}
+def raw(data: bytes, media: str = "image/png", params: object = None, **query: str) -> dict:
+    """requests kwargs for a raw-body request (query parameters as keywords, or `params` as a list of pairs)."""
+    return {"data": data, "headers": {"Content-Type": media}, "params": params or query}
+
+
+def json_body(text: str) -> dict:
+    """requests kwargs for a JSON body written by hand (what json= cannot send: huge numbers, odd nesting)."""
+    return raw(text.encode(), "application/json")
+
+
+def multipart(*images: bytes, boundary: str = "xYzZY", close: bool = True) -> dict:
+    """requests kwargs for a multipart body written by hand; close=False leaves out the closing boundary, so the
+    last part never ends (a client that stopped sending, or a proxy that cut the body)."""
+    parts = b"".join(
+        b"--%s\r\nContent-Disposition: form-data; name=file; filename=%d.png\r\nContent-Type: image/png\r\n\r\n%s\r\n"
+        % (boundary.encode(), i, data)
+        for i, data in enumerate(images)
+    )
+    body = parts + (b"--%s--\r\n" % boundary.encode() if close else b"")
+    return raw(body, f"multipart/form-data; boundary={boundary}")
+
+
+def tiff_that_raises_type_error() -> bytes:
+    """A TIFF whose StripOffsets entry claims type DOUBLE: PIL's load() raises TypeError (not an OSError)."""
+    tiff = encode(Image.new("L", (24, 20)), "TIFF")
+    return tiff.replace(b"\x11\x01\x04\x00", b"\x11\x01\x0c\x00")
+
+
+def solid_png(width: int, height: int) -> bytes:
+    """A few KB on the wire, width x height pixels decoded."""
+    return encode(Image.new("L", (width, height), 90), "PNG")
 
 
 def one_b64(**extra: object) -> dict:
@@ -217,6 +248,43 @@ BAD_REQUESTS = {  # name -> (requests kwargs, status, code, index of the bad ima
     "top_k not a number": (raw(png(), top_k="abc"), 400, "bad_top_k", None),
     "top_k a float in json": (one_b64(top_k=2.5), 400, "bad_top_k", None),
     "top_k a bool in json": (one_b64(top_k=True), 400, "bad_top_k", None),
+    "top_k +-1": (raw(png(), top_k="+-1"), 400, "bad_top_k", None),
+    "top_k a unicode digit": (raw(png(), top_k="\u00b3"), 400, "bad_top_k", None),
+    "top_k of 5000 digits": (raw(png(), top_k="9" * 5000), 400, "bad_top_k", None),
+    "top_k a float string": (raw(png(), top_k="2.0"), 400, "bad_top_k", None),
+    "top_k negative": (raw(png(), top_k="-1"), 400, "bad_top_k", None),
+    "top_k twice": (raw(png(), params=[("top_k", "1"), ("top_k", "2")]), 400, "bad_top_k", None),
+    "top_k +-1 in a form": ({"files": files(png()), "data": {"top_k": "+-1"}}, 400, "bad_top_k", None),
+    "top_k a unicode digit in a form": ({"files": files(png()), "data": {"top_k": "\u00b3"}}, 400, "bad_top_k", None),
+    "top_k +-1 as a json string": (one_b64(top_k="+-1"), 400, "bad_top_k", None),
+    "top_k negative in json": (one_b64(top_k=-2), 400, "bad_top_k", None),
+    "top_k of 5000 digits in json": (
+        json_body(f'{{"images": [{{"b64": "{b64(png())}"}}], "top_k": {"9" * 5000}}}'),
+        400,
+        "bad_top_k",
+        None,
+    ),
+    "json nested 100,000 deep": (json_body("[" * 100_000), 400, "malformed_json", None),
+    "json nested 50,000 deep and closed": (json_body("[" * 50_000 + "]" * 50_000), 400, "malformed_json", None),
+    "json images counted before decoding": (
+        {"json": {"images": [{"b64": "not*base64!"}] * (SETTINGS["max_images"] + 1)}},
+        400,
+        "too_many_images",
+        None,
+    ),
+    "multipart without its closing boundary": (
+        multipart(png(1), png(2), png(3), close=False),
+        400,
+        "malformed_multipart",
+        None,
+    ),
+    "tiff whose decoder raises TypeError": (raw(tiff_that_raises_type_error(), "image/tiff"), 422, "undecodable", 0),
+    "pixel budget of the request": (
+        {"files": files(solid_png(2000, 1600), solid_png(2000, 1600))},
+        413,
+        "pixel_budget_exceeded",
+        1,
+    ),
     "text content type": (raw(b"hello", "text/plain"), 415, "unsupported_media_type", None),
     "form-urlencoded (curl -d)": (raw(png(), "application/x-www-form-urlencoded"), 415, "unsupported_media_type", None),
     "bad image inside a multi-image request": (
@@ -267,7 +335,50 @@ def test_content_length_lie_is_not_trusted(url):
 
 def test_wrong_route_and_method(url):
     assert_error(requests.get(f"{url}/v1/nope", timeout=30), 404, "not_found")
-    assert_error(requests.get(f"{url}/v1/classify", timeout=30), 405, "method_not_allowed")
+    r = requests.get(f"{url}/v1/classify", timeout=30)
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["Allow"] == "POST"  # RFC 9110: a 405 says which methods the resource takes
+    r = requests.delete(f"{url}/v2/health/live", timeout=30)
+    assert_error(r, 405, "method_not_allowed")
+    assert "GET" in r.headers["Allow"]
+
+
+def test_extreme_shapes_predict(url):
+    """1 x 4,000,000 and 4,000,000 x 1 images (under the pixel limit, a few KB as PNG): resizing their shorter side
+    to the model's resize target first would need 35 x 140 million pixels; only the centre crop is computed."""
+    for size in ((1, 4_000_000), (4_000_000, 1)):
+        r = classify(url, solid_png(*size))
+        assert r.status_code == 200, (size, r.text)
+        assert len(r.json()["results"][0]["predictions"]) == NUM_CLASSES
+
+
+def test_classify_reports_server_timing(url):
+    r = classify(url, png())
+    assert r.status_code == 200
+    timing = dict(part.strip().split(";", 1) for part in r.headers["Server-Timing"].split(","))
+    assert set(timing) == {"decode", "model", "total"}
+    durations = {k: float(v.rsplit("dur=", 1)[1]) for k, v in timing.items()}
+    assert 0 <= durations["decode"] <= durations["total"] and 0 < durations["model"] <= durations["total"]
+
+
+def test_openapi_says_what_the_server_takes(url):
+    from rayimgcls.serve import ERROR_STATUS
+
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    op = spec["paths"]["/v1/classify"]["post"]
+    [param] = op["parameters"]
+    assert (param["name"], param["in"]) == ("top_k", "query")
+    assert param["schema"] == {"type": "integer", "minimum": 1, "maximum": NUM_CLASSES}
+    content = op["requestBody"]["content"]
+    taken = {"image/jpeg", "image/png", "application/octet-stream", "multipart/form-data", "application/json"}
+    assert taken <= set(content)
+    assert content["application/json"]["schema"]["properties"]["images"]["maxItems"] == SETTINGS["max_images"]
+    assert {"200", "400", "408", "413", "415", "422", "500", "503"} <= set(op["responses"])
+    assert "401" not in op["responses"]  # this app has no key
+    error = spec["components"]["schemas"]["ErrorBody"]
+    assert set(error["properties"]) == {"error", "code", "index"}
+    assert set(error["properties"]["code"]["enum"]) == set(ERROR_STATUS)
+    assert "Server-Timing" in op["responses"]["200"]["headers"]
 
 
 @pytest.mark.timeout(120)
@@ -297,6 +408,87 @@ def test_bad_input_fails_only_its_own_request(url, ray_session):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hostile clients: slow bodies, a model replica that dies under load
+
+
+def _post_slowly(port: int, trickle_every_s: float | None, give_up_s: float = 40.0) -> tuple[int, float]:
+    """POST a body announced as 1,000 bytes, then send one byte every `trickle_every_s` (None: nothing more) until
+    the server answers -> (status, seconds until the answer)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=give_up_s) as s:
+        s.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\nConnection: close\r\n\r\n\x89"
+        )
+        s.settimeout(trickle_every_s or give_up_s)
+        while time.monotonic() - start < give_up_s:
+            try:
+                head = s.recv(4096)
+                return int(head.split(b" ", 2)[1]), time.monotonic() - start
+            except TimeoutError:
+                s.sendall(b"\0")
+    raise AssertionError(f"no answer in {give_up_s} s")
+
+
+@pytest.mark.timeout(120)
+def test_slow_uploads_neither_starve_others_nor_hang(url):
+    """40 clients announce a body and trickle a byte every 2 s: they hold ingress slots, not model slots, so a
+    normal client is still answered at once; each trickler gets 408 at the total body deadline, and a client
+    that stops sending gets 408 at the idle deadline."""
+    port = int(url.rsplit(":", 1)[1])
+    with ThreadPoolExecutor(41) as pool:
+        slow = [pool.submit(_post_slowly, port, 2.0) for _ in range(40)]
+        idle = pool.submit(_post_slowly, port, None)
+        time.sleep(3)  # every slow request is inside the ingress by now
+        start = time.monotonic()
+        r = classify(url, png())
+        took = time.monotonic() - start
+        assert r.status_code == 200 and took < 5, (r.status_code, took)
+        answers = [f.result() for f in slow]
+        idle_status, idle_s = idle.result()
+    assert [status for status, _ in answers] == [408] * 40
+    assert all(SETTINGS["body_timeout_s"] - 1 <= s < SETTINGS["body_timeout_s"] + 10 for _, s in answers), answers
+    assert idle_status == 408 and SETTINGS["body_idle_timeout_s"] - 1 <= idle_s < SETTINGS["body_timeout_s"], idle_s
+
+
+@pytest.mark.timeout(240)
+def test_model_replica_killed_under_load(url, model_dir):
+    """SIGKILL the model replica while 16 clients keep sending: a call lost with the replica is retried once (Serve
+    starts a new replica within seconds), else answered 503 with Retry-After; never a 500."""
+    from ray import serve
+
+    from rayimgcls.serve import build_app
+
+    serve.run(build_app({"model_dir": str(model_dir), **SETTINGS}), name="fragile", route_prefix="/fragile")
+    base = f"{url}/fragile"
+    try:
+        pid = requests.get(f"{base}/v1/stats", timeout=30).json()["pid"]
+        answers: list[requests.Response] = []
+
+        def client(seed: int) -> None:
+            for i in range(6):
+                answers.append(classify(base, png(seed * 10 + i)))
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(client, seed) for seed in range(16)]
+            time.sleep(1.5)
+            os.kill(pid, signal.SIGKILL)
+            for f in futures:
+                f.result()
+        statuses = sorted({r.status_code for r in answers})
+        assert set(statuses) <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers if r.status_code >= 500]
+        assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 503)
+        assert sum(r.status_code == 200 for r in answers) > len(answers) // 2
+        deadline = time.monotonic() + 120
+        while requests.get(f"{base}/v1/stats", timeout=60).json().get("pid") in (pid, None):
+            assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+            time.sleep(1)
+        assert classify(base, png()).status_code == 200
+    finally:
+        serve.delete("fragile")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Batching, API key, multi-label
 
 
@@ -317,10 +509,13 @@ def test_concurrent_requests_are_batched(url):
 
 
 def test_api_key(url):
+    """Probes and the API's description answer without the key (load balancers and KubeRay send none); every
+    route that touches the model needs it."""
     secured = f"{url}/secured"
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    assert requests.get(f"{secured}/v2/health/live", timeout=30).status_code == 200  # liveness needs no key
-    for path in ("/v2/health/ready", "/v1/model", "/v1/stats", "/docs", "/openapi.json"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs"):
+        assert requests.get(secured + path, timeout=30).status_code == 200, path
+    for path in ("/v1/model", "/v1/stats"):
         r = requests.get(secured + path, timeout=30)
         assert_error(r, 401, "unauthorized")
         assert r.headers["WWW-Authenticate"] == "Bearer"
@@ -329,7 +524,10 @@ def test_api_key(url):
     assert_error(classify(secured, png(), headers={"Authorization": "Bearer wrong-key"}), 401, "unauthorized")
     assert_error(classify(secured, png(), headers={"Authorization": API_KEY}), 401, "unauthorized")
     assert classify(secured, png(), headers=auth).status_code == 200
-    assert "/secured/openapi.json" in requests.get(f"{secured}/docs", headers=auth, timeout=30).text
+    assert "/secured/openapi.json" in requests.get(f"{secured}/docs", timeout=30).text
+    spec = requests.get(f"{secured}/openapi.json", timeout=30).json()
+    assert spec["servers"] == [{"url": "/secured"}]
+    assert "401" in spec["paths"]["/v1/classify"]["post"]["responses"]
     assert requests.get(f"{url}/v1/model", timeout=30).status_code == 200  # the other app has no key
 
 
@@ -455,10 +653,13 @@ def test_import_starts_nothing_and_skips_training_code():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_cli_refuses_bad_settings_before_starting_anything(model_dir, tmp_path):
+def test_cli_refuses_bad_settings_before_starting_anything(model_dir, tmp_path, monkeypatch):
     from rayimgcls.cli import app
 
+    monkeypatch.delenv("RAYIMGCLS_API_KEY", raising=False)
     runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--model-dir", str(model_dir), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "without an API key" in r.output and "--allow-no-key" in r.output, r.output
     r = runner.invoke(app, ["serve", "--model-dir", str(tmp_path)])
     assert r.exit_code == 2 and "not a model directory" in r.output
     r = runner.invoke(app, ["serve", "--model-dir", str(model_dir), "--max-batch-size", "0", "--port", "0"])

@@ -1,0 +1,226 @@
+"""The two Serve deployments: an HTTP ingress that checks and decodes requests, and a batched model replica.
+
+    client --HTTP--> Serve proxy --> Ingress (FastAPI, async)          --handle--> ModelServer
+                                     API key, limits, deadlines,                   @serve.batch over images,
+                                     parse, decode + transform                     Predictor.predict_batch
+
+Decoding happens in the ingress, request by request, so a bad image fails its own request with a 4xx and a
+fixed code, never a batch of other clients' images; the model replica only ever sees uint8 (3, S, S) arrays.
+Each image of a request is its own model call, so `@serve.batch` packs images from concurrent requests
+together. The ingress is async and cheap per request, so it takes many more ongoing requests than the model
+(a slow upload holds an ingress slot, never a model slot); its body memory and concurrent decodes are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from rayimgcls import __version__
+from rayimgcls.config import ServeConfig
+from rayimgcls.images import ACCEPTED_FORMATS
+from rayimgcls.model import Predictor, format_prediction, read_card
+from rayimgcls.serve.api import API_KEY_ENV, create_api
+from rayimgcls.serve.http import ApiError, BodyBudget, decode_all, parse_top_k, query_top_k, read_images
+
+logger = logging.getLogger(__name__)
+
+READY_PROBE_S = 2.0  # how long /v2/health/ready waits for a model replica before answering 503
+RETRY_DELAY_S = 0.5  # before re-sending calls whose replica died: time for Serve's router to drop it
+# A model call that failed because its replica is gone (killed, node lost) or overloaded: retried once, then 503.
+REPLICA_GONE = (RayActorError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError)
+
+
+def unavailable(error: BaseException) -> ApiError:
+    return ApiError("unavailable", f"no model replica could answer ({type(error).__name__}); retry shortly")
+
+
+@serve.deployment
+class ModelServer:
+    """A model replica. Serve routes nothing here until __init__ returns, and __init__ loads the weights and
+    runs a warm-up batch, so a replica that answers is ready. `predict(image)` takes one image per call;
+    `@serve.batch` collects concurrent calls into one `run_batch`, whose sizes are counted for `stats`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        use_gpu: bool,
+        precision: str | None,
+        torch_threads: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_concurrent_batches: int,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
+        self.predictor = Predictor.from_dir(model_dir, "cuda" if use_gpu else "cpu", precision)
+        size = self.predictor.card.preprocess.input_size
+        self.predictor.predict_batch(np.zeros((1, 3, size, size), np.uint8))  # first call pays lazy init
+        self.batch_sizes: Counter[int] = Counter()
+        self.started = time.time()
+        # Applied here rather than as a decorator: all three settings come from the configuration.
+        self.predict = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            max_concurrent_batches=max_concurrent_batches,
+        )(self.run_batch)
+
+    async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.batch_sizes[len(images)] += 1
+        # In a thread: the replica keeps accepting requests (the next batch fills) while the model runs.
+        probs = await asyncio.to_thread(self.predictor.predict_batch, np.stack(images))
+        return list(probs)
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters: model calls by batch size (what batching achieved), device, precision."""
+        ctx = serve.get_replica_context()
+        return {
+            "replica": ctx.replica_id.unique_id,
+            "pid": os.getpid(),
+            "device": str(self.predictor.device),
+            "precision": self.predictor.precision,
+            "torch_threads": self.torch_threads,
+            "uptime_s": round(time.time() - self.started, 1),
+            "model_calls": sum(self.batch_sizes.values()),
+            "images": sum(n * c for n, c in self.batch_sizes.items()),
+            "batch_sizes": {str(n): c for n, c in sorted(self.batch_sizes.items())},
+        }
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The HTTP side: API key, limits, parsing and decoding; one model call per image through the handle."""
+
+    def __init__(self, model: DeploymentHandle, cfg: ServeConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.card = read_card(cfg.model_dir)
+        self.pre = dataclasses.replace(self.card.preprocess, max_pixels=cfg.max_pixels)
+        # The replica's own environment is the fallback, so a cluster's key never has to be in a config file.
+        self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.ready = False  # latched: once a model replica answered, it had loaded and warmed up
+        self.bodies = BodyBudget(cfg.max_buffered_bytes)
+        self.decodes = asyncio.Semaphore(cfg.max_concurrent_decodes)
+        if not self.api_key:
+            logger.warning("no API key: anyone who can reach the HTTP port can query the model")
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self)
+
+    async def classify(self, request: Request) -> tuple[dict[str, Any], str]:
+        """One request -> (the response body, its Server-Timing header)."""
+        start = time.perf_counter()
+        lease = self.bodies.lease()
+        try:
+            images, body_top_k = await read_images(request, self.cfg, lease)
+            query = query_top_k(request)
+            k = parse_top_k(query if body_top_k is None else body_top_k, self.card.num_classes)
+            decode_start = time.perf_counter()
+            async with self.decodes:
+                arrays = await asyncio.to_thread(decode_all, images, self.pre, self.cfg.max_request_pixels)
+        finally:
+            lease.release()  # the encoded bytes are no longer needed once decoded (or refused)
+        model_start = time.perf_counter()
+        probs = await self.predict(arrays)
+        end = time.perf_counter()
+        body = {
+            "model": self.card.model_name,
+            "version": self.card.version,
+            "results": [format_prediction(p, self.card, k) for p in probs],
+        }
+        timing = (
+            f"decode;dur={1000 * (model_start - decode_start):.1f}, "
+            f'model;desc="queue + model";dur={1000 * (end - model_start):.1f}, total;dur={1000 * (end - start):.1f}'
+        )
+        return body, timing
+
+    async def predict(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """One model call per image. Calls lost with their replica (killed, node gone) are sent again once, after
+        Serve's router has had a moment to drop it; if that fails too the request is a 503, never a 500."""
+        results = await asyncio.gather(*(self.model.predict.remote(a) for a in arrays), return_exceptions=True)
+        lost = [i for i, r in enumerate(results) if isinstance(r, REPLICA_GONE)]
+        if lost:
+            logger.warning("%d model call(s) failed (%s); retrying once", len(lost), type(results[lost[0]]).__name__)
+            await asyncio.sleep(RETRY_DELAY_S)
+            again = await asyncio.gather(*(self.model.predict.remote(arrays[i]) for i in lost), return_exceptions=True)
+            for i, r in zip(lost, again, strict=True):
+                results[i] = r
+        for r in results:
+            if isinstance(r, REPLICA_GONE):
+                raise unavailable(r)
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    async def stats(self) -> dict[str, Any]:
+        try:
+            return await self.model.stats.remote()
+        except REPLICA_GONE as e:
+            raise unavailable(e) from None
+
+    async def is_ready(self) -> bool:
+        if not self.ready:
+            try:
+                await asyncio.wait_for(self.model.stats.remote(), READY_PROBE_S)
+                self.ready = True
+            except Exception as e:  # noqa: BLE001 - no replica yet, still loading, or dead: all mean "not ready"
+                logger.info("model not ready: %s", type(e).__name__)
+        return self.ready
+
+    def metadata(self) -> dict[str, Any]:
+        card, cfg = self.card, self.cfg
+        return {
+            "name": card.model_name,
+            "version": card.version,
+            "rayimgcls": __version__,
+            "image_size": card.preprocess.input_size,
+            "num_classes": card.num_classes,
+            "class_names": card.class_names,
+            "multilabel": card.multilabel,
+            "thresholds": card.thresholds if card.multilabel else None,
+            "precision": card.precision,
+            "preprocess": card.preprocess.to_dict(),
+            "default_top_k": min(5, card.num_classes),
+            "limits": {
+                "max_body_bytes": cfg.max_body_bytes,
+                "max_pixels": cfg.max_pixels,
+                "max_request_pixels": cfg.max_request_pixels,
+                "max_images": cfg.max_images,
+                "body_idle_timeout_s": cfg.body_idle_timeout_s,
+                "body_timeout_s": cfg.body_timeout_s,
+                "accepted_formats": list(ACCEPTED_FORMATS),
+            },
+            "batching": {
+                k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_concurrent_batches")
+            },
+            "autoscaling": autoscaling_config(cfg),
+        }
+
+
+def autoscaling_config(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config for the model deployment (current key names only: Serve ignores unknown
+    ones silently)."""
+    return {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "initial_replicas": max(1, cfg.min_replicas),
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
