@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -198,3 +199,58 @@ def s3(s3_server: S3Server, monkeypatch) -> S3Server:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real browser: Debian's Chromium driven by Playwright (no browser download), for pages and reports.
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",  # without these Chromium keeps trying to reach hosts that are not there
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(os.environ.get("RAYIMGCLS_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+LOCAL_URLS = ("http://127.0.0.1", "data:", "file:", "blob:", "about:")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium. Skipped where Chromium or Playwright is missing, failed instead when CI=true (CI
+    installs both: .ci/run)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if not chromium or sync_playwright is None:
+        why = "browser tests need Debian's chromium (apt-get install chromium) and playwright (pip install playwright)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    with sync_playwright() as p:
+        chrome = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield chrome
+        chrome.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; the test fails if the page requested anything off the loopback (a CDN, a font service)."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    tab = context.new_page()
+    offsite: list[str] = []
+    tab.on("request", lambda r: None if r.url.startswith(LOCAL_URLS) else offsite.append(r.url))
+    yield tab
+    context.close()
+    assert not offsite, f"the page requested resources off the loopback: {offsite}"
+
+
+def screenshot(tab, name: str) -> Path:
+    """Save a screenshot under test-artifacts/ (kept after the run, to look at) and return its path."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    tab.screenshot(path=str(path), full_page=True)
+    return path
