@@ -211,6 +211,7 @@ class ServeConfig:
     port: int = opt(8000, "HTTP port.")
     route_prefix: str = opt("/", "URL prefix of the application.")
     name: str = opt("rayimgcls", "Serve application name.")
+    model_name: str | None = opt(None, "Model name of the Open Inference Protocol routes; default the timm name.")
     api_key: str | None = opt(None, "Bearer token required on every route that uses the model (or RAYIMGCLS_API_KEY).")
     allow_no_key: bool = opt(False, "Allow a host beyond loopback without an API key (refused otherwise).")
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")

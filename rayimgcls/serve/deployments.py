@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -30,10 +31,20 @@ from ray.serve.handle import DeploymentHandle
 
 from rayimgcls import __version__
 from rayimgcls.config import ServeConfig
-from rayimgcls.images import ACCEPTED_FORMATS
+from rayimgcls.images import ACCEPTED_FORMATS, to_chw_uint8
 from rayimgcls.model import Predictor, format_prediction, read_card
+from rayimgcls.serve import oip
 from rayimgcls.serve.api import API_KEY_ENV, create_api
-from rayimgcls.serve.http import ApiError, BodyBudget, decode_all, parse_top_k, query_top_k, read_images
+from rayimgcls.serve.http import (
+    ApiError,
+    BodyBudget,
+    body_chunks,
+    decode_all,
+    parse_top_k,
+    query_top_k,
+    read_images,
+    shown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +121,7 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, cfg: ServeConfig) -> None:
         self.model, self.cfg = model, cfg
         self.card = read_card(cfg.model_dir)
+        self.model_name = cfg.model_name or self.card.model_name  # the name in the Open Inference Protocol routes
         self.pre = dataclasses.replace(self.card.preprocess, max_pixels=cfg.max_pixels)
         # The replica's own environment is the fallback, so a cluster's key never has to be in a config file.
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -149,6 +161,41 @@ class Ingress:
         )
         return body, timing
 
+    def check_model(self, name: str, version: str | None) -> None:
+        """404 in the protocol's form for a model name or version this server does not have."""
+        if name != self.model_name:
+            raise oip.OipError(f"model {shown(name)}: unknown; this server has {self.model_name!r}", 404)
+        if version not in (None, "", self.card.version):
+            raise oip.OipError(f"model {name!r} has no version {shown(version)}; it has {self.card.version}", 404)
+
+    async def infer_oip(self, request: Request, name: str, version: str | None) -> tuple[bytes, dict[str, str]]:
+        """An Open Inference Protocol infer request -> (response body, headers); the limits of /v1 apply."""
+        self.check_model(name, version)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise oip.OipError(f"Content-Encoding {shown(encoding)} is not taken: send the body uncompressed", 415)
+        lease = self.bodies.lease()
+        try:
+            body = b"".join([chunk async for chunk in body_chunks(request, self.cfg, lease)])
+            req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), self.card, self.cfg)
+            async with self.decodes:
+                arrays = await asyncio.to_thread(self.oip_arrays, req.input)
+        except ApiError as e:
+            raise oip.from_api_error(e, oip.INPUT_IMAGE) from None
+        finally:
+            lease.release()
+        try:
+            probs = np.stack(await self.predict(arrays))
+        except ApiError as e:
+            raise oip.from_api_error(e) from None
+        return oip.encode_response(req, probs, self.card, self.model_name)
+
+    def oip_arrays(self, tensor: oip.Tensor) -> list[np.ndarray]:
+        """Encoded files through the one decode path, or RGB pixels straight into the same transform."""
+        if tensor.name == oip.INPUT_IMAGE:
+            return decode_all(tensor.data, self.pre, self.cfg.max_request_pixels)  # type: ignore[arg-type]
+        return [to_chw_uint8(Image.fromarray(pixels), self.pre) for pixels in tensor.data]
+
     async def predict(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """One model call per image. Calls lost with their replica (killed, node gone) are sent again once, after
         Serve's router has had a moment to drop it; if that fails too the request is a 503, never a 500."""
@@ -186,6 +233,7 @@ class Ingress:
         card, cfg = self.card, self.cfg
         return {
             "name": card.model_name,
+            "oip_name": self.model_name,
             "version": card.version,
             "rayimgcls": __version__,
             "image_size": card.preprocess.input_size,

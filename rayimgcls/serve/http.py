@@ -76,16 +76,19 @@ class ApiError(Exception):
     def status(self) -> int:
         return ERROR_STATUS[self.code]
 
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.code == "unauthorized":
+            return {"WWW-Authenticate": "Bearer"}
+        if self.status == 503:
+            return {"Retry-After": str(RETRY_AFTER_S)}
+        return {}
+
     def response(self) -> JSONResponse:
         body: dict[str, Any] = {"error": self.message, "code": self.code}
         if self.index is not None:
             body["index"] = self.index
-        headers = {}
-        if self.code == "unauthorized":
-            headers["WWW-Authenticate"] = "Bearer"
-        if self.status == 503:
-            headers["Retry-After"] = str(RETRY_AFTER_S)
-        return JSONResponse(body, self.status, headers or None)
+        return JSONResponse(body, self.status, self.headers)
 
 
 def shown(value: Any, limit: int = 40) -> str:
