@@ -181,7 +181,8 @@ def add_oip_routes(api: FastAPI, keyed: APIRouter, ingress: Ingress, auth: tuple
         return Response(body, headers=headers)
 
     meta = {"tags": ["oip"], "responses": errors(*auth, 404, body=OipErrorBody)}
-    ready_meta = {**meta, "responses": errors(*auth, 404, 503, body=OipErrorBody)}
+    # As Triton: the status says it, with an empty body.
+    ready_meta = {**meta, "responses": errors(*auth, 404, 503, body=OipErrorBody), "response_class": Response}
     infer_meta = {"tags": ["oip"], "responses": oip_errors, "openapi_extra": oip_infer_openapi()}
 
     @keyed.get("/v2/models/{name}", **meta, summary="Model metadata")
@@ -229,7 +230,7 @@ def add_static_routes(api: FastAPI) -> None:
     @api.get("/openapi.json", include_in_schema=False)
     def openapi(request: Request) -> dict[str, Any]:
         root = root_of(request)
-        return {**api.openapi(), **({"servers": [{"url": root}]} if root else {})}
+        return {**described(api), **({"servers": [{"url": root}]} if root else {})}
 
     @api.get("/docs", include_in_schema=False)
     def docs(request: Request) -> HTMLResponse:
@@ -244,6 +245,25 @@ def add_static_routes(api: FastAPI) -> None:
         )
 
 
+def described(api: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document without the 422 it adds to every route with parameters: our parameters are
+    read and checked by the routes themselves, and a bad one is a 400 with our error body."""
+    if api.openapi_schema is None:
+        schema = api.openapi()
+        for path in schema["paths"].values():
+            for operation in path.values():
+                if _fastapi_422(operation):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return api.openapi_schema
+
+
+def _fastapi_422(operation: dict[str, Any]) -> bool:
+    ref = operation["responses"].get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    return ref.get("$ref", "").endswith("/HTTPValidationError")
+
+
 def oip_infer_openapi() -> dict[str, Any]:
     """The infer request body for the OpenAPI document: JSON (the binary extension is not expressible)."""
     tensor = {
@@ -252,7 +272,7 @@ def oip_infer_openapi() -> dict[str, Any]:
         "properties": {
             "name": {"type": "string", "enum": [oip.INPUT_IMAGE, oip.INPUT_PIXELS]},
             "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 4},
             "parameters": {"type": "object"},
             "data": {"type": "array"},
         },

@@ -187,7 +187,7 @@ def parse_input(obj: Any, binary: bytes, cfg: ServeConfig) -> tuple[Tensor, int]
         raise OipError("inputs[0]: expected an object")
     name, datatype = obj.get("name"), obj.get("datatype")
     expected = {INPUT_IMAGE: "BYTES", INPUT_PIXELS: "UINT8"}
-    if name not in expected:
+    if not isinstance(name, str) or name not in expected:
         takes = f"{INPUT_IMAGE!r} (BYTES) or {INPUT_PIXELS!r} (UINT8)"
         raise OipError(f"input {shown(name)}: unknown; this model takes {takes}")
     if datatype != expected[name]:
@@ -306,7 +306,7 @@ def parse_outputs(value: Any, card: ModelCard, binary_output: bool) -> list[Requ
     out, seen = [], set()
     for obj in value:
         name = obj.get("name") if isinstance(obj, dict) else None
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             raise OipError(f"output {shown(name)}: unknown; this model has {', '.join(map(repr, known))}")
         if name in seen:
             raise OipError(f"output {name!r} requested twice")

@@ -24,15 +24,20 @@ function say(text, isError = false) {
   status.className = isError ? "error" : "muted";
 }
 
-// The server's errors are {"error": sentence, "code": code[, "index": i]}: show the sentence.
-async function errorText(response) {
+// The server's errors are {"error": sentence, "code": code[, "index": i]}: show the sentence, naming the file.
+async function errorText(response, files = []) {
   try {
     const body = await response.json();
-    const which = body.index === undefined ? "" : ` (image ${body.index + 1})`;
-    return `${body.error || response.statusText}${which}`;
+    const file = body.index === undefined ? null : files[body.index];
+    const sentence = body.error || response.statusText;
+    return file ? `${file.name || "pasted image"}: ${sentence.replace(/^image \d+: /, "")}` : sentence;
   } catch (_) {
     return `${response.status} ${response.statusText}`;
   }
+}
+
+function size(bytes) {
+  return bytes >= 1048576 ? `${Math.round(bytes / 1048576)} MB` : `${Math.round(bytes / 1024)} KB`;
 }
 
 async function loadModel() {
@@ -49,10 +54,9 @@ async function loadModel() {
   }
   model = await response.json();
   $("model").textContent = `${model.name} · ${model.num_classes} classes · ${model.image_size}px` +
-    (model.multilabel ? " · multi-label" : "");
-  $("version").textContent = `version ${model.version.slice(0, 12)} · rayimgcls ${model.rayimgcls}`;
-  const mb = (model.limits.max_body_bytes / 1048576).toFixed(0);
-  $("limits").textContent = `Up to ${model.limits.max_images} images and ${mb} MB per request; ` +
+    (model.multilabel ? " · multi-label" : "") + ` · version ${model.version.slice(0, 12)}`;
+  $("version").textContent = `rayimgcls ${model.rayimgcls}`;
+  $("limits").textContent = `Up to ${model.limits.max_images} images and ${size(model.limits.max_body_bytes)} per request; ` +
     model.limits.accepted_formats.join(", ");
 }
 
@@ -82,7 +86,7 @@ async function classify(files) {
     return;
   }
   if (!response.ok) {
-    say(await errorText(response), true);
+    say(await errorText(response, files), true);
     return;
   }
   const body = await response.json();
