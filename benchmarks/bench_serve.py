@@ -1,24 +1,30 @@
-"""Serving speed: rayimgcls on Ray Serve with batching on and off, against a plain FastAPI/uvicorn server.
+"""Serving speed: rayimgcls on Ray Serve in its layouts and batching settings, against a plain FastAPI server.
 
-Three servers answer the same POST /v1/classify (a JPEG as the raw body) on loopback:
+These servers answer the same POST /v1/classify (a JPEG as the raw body) on loopback:
 
-- `serve-batched`: `rayimgcls.serve` (the ingress decodes, the model replica batches with @serve.batch): one
-  model replica with `--torch-threads` threads running up to `--max-concurrent-batches` batches at once;
-- `serve-unbatched`: the same with max_batch_size=1;
+- `split`, `split-nowait`: the ingress decodes, a separate model replica batches with @serve.batch (one hop per
+  image), batch wait 10 ms / 0 (a batch is whatever queued while the last one ran);
+- `fused`, `fused-nowait`: ingress and batched model in one replica (no hop), the same two waits;
+- `fused-nowait-unbatched`: max_batch_size 1;
+- `split-nowait-tput`: `split-nowait` on a second local Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's
+  throughput knobs: user code on the event loop, gRPC between proxy and replicas, buffered request logs, GC frozen
+  after start) and RAY_SERVE_ENABLE_DIRECT_INGRESS=0: direct ingress, which that flag also turns on, makes each
+  replica listen on a port of its own from 30000-31000 and starts no proxy, so the one port that `--port` names is
+  gone (and with the HAProxy ingress every interface is bound): it breaks the endpoint's contract and is not run;
 - `plain`: what a user writes in an afternoon: one uvicorn process whose handler calls the same
   `images.preprocess` and `Predictor.predict_batch` (one image per call, in a thread, so calls overlap as
   the replica's concurrent batches do) with the same torch threads.
 
-All three are up at once and warmed up (not measured); then an aiohttp client sends `--requests` requests
+All are up at once and warmed up (not measured); then an aiohttp client sends `--requests` requests
 (or stops after `--max-seconds`) at each concurrency, to each server in turn, `--runs` rounds, so load from
-elsewhere on the machine touches all three alike. Reported: the median run's throughput and p50/p90/p99
+elsewhere on the machine touches all of them alike. Reported: the median run's throughput and p50/p90/p99
 latency, and the RESULT ratios at the top concurrency as the median over rounds of the ratio within a round
 (a paired comparison: on a shared machine, drift between rounds is larger than the gaps). Last,
 autoscaling: a deployment with max_replicas=2 and short delays under sustained load, then idle, with its
 replica count over time. The model is a named timm ViT with untrained weights at 224 px, the images
 photo-size JPEGs from `rayimgcls.synth`.
 
-    python benchmarks/bench_serve.py                                  # about 7 minutes on 2 cores
+    python benchmarks/bench_serve.py                                  # about 12 minutes on 2 cores
     python benchmarks/bench_serve.py --requests 48 --runs 3 --concurrency 1,8 --no-autoscale   # a quick look
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -56,7 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="rounds of timed runs (medians are reported)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the model, in every server")
     p.add_argument("--max-batch-size", type=int, default=16, help="batching on: @serve.batch max_batch_size")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument(
         "--max-concurrent-batches",
         type=int,
@@ -74,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     p.add_argument("--workdir", default="/tmp/rayimgcls-bench", help="where the photos and the model go")
     p.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)  # internal: be the peer
+    p.add_argument("--serve-server", help=argparse.SUPPRESS)  # internal: serve these settings on a second Ray
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -187,15 +194,26 @@ def paired_ratio(runs: Runs, a: str, b: str, c: int) -> tuple[float, list[float]
 # The servers
 
 
+VARIANTS: dict[str, dict] = {  # name -> the settings that differ
+    "split": {"layout": "split", "batch_wait_timeout_s": 0.01},  # the layout and wait before this benchmark
+    "split-nowait": {"layout": "split", "batch_wait_timeout_s": 0.0},
+    "fused": {"layout": "fused", "batch_wait_timeout_s": 0.01},
+    "fused-nowait": {"layout": "fused", "batch_wait_timeout_s": 0.0},
+    "fused-nowait-unbatched": {"layout": "fused", "batch_wait_timeout_s": 0.0, "max_batch_size": 1},
+}
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+DEFAULT = "split-nowait"  # what ServeConfig's defaults are (checked below)
+
+
 def serve_settings(model_dir: Path, args: argparse.Namespace, **overrides: object) -> dict:
     return {
         "model_dir": str(model_dir),
         "precision": "fp32",
         "torch_threads": args.torch_threads,
-        "num_cpus": 0.5,
-        "ingress_num_cpus": 0.25,
+        # Small reservations so that every server fits on a 2-CPU machine at once; the threads are set explicitly.
+        "num_cpus": 0.2,
+        "ingress_num_cpus": 0.1,
         "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "max_concurrent_batches": args.max_concurrent_batches,
         **overrides,
     }
@@ -215,34 +233,59 @@ def serve_app(name: str, settings: dict, port: int) -> Iterator[str]:
 
 
 @contextmanager
-def plain_server(model_dir: Path, args: argparse.Namespace) -> Iterator[str]:
-    """This script in --plain-server mode, in its own process."""
+def subprocess_server(flags: list[str], env: dict | None = None, ready_path: str = "/v2/health/live") -> Iterator[str]:
+    """This script in one of its server modes, in its own process (stopped by its pid)."""
     import requests
 
     port = free_port()
-    cmd = [
-        sys.executable,
-        __file__,
-        "--plain-server",
-        "--model-dir",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--torch-threads",
-        str(args.torch_threads),
-    ]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen([sys.executable, __file__, *flags, "--port", str(port)], env={**os.environ, **(env or {})})
     try:
-        for _ in range(240):
+        for _ in range(480):
+            assert proc.poll() is None, f"server {flags[0]} exited with {proc.returncode}"
             try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2).ok:
+                if requests.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).ok:
                     break
             except requests.RequestException:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1/classify"
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+def plain_server(model_dir: Path, args: argparse.Namespace) -> Iterator[str]:
+    flags = ["--plain-server", "--model-dir", str(model_dir), "--torch-threads", str(args.torch_threads)]
+    return subprocess_server(flags)
+
+
+def second_ray_server(settings: dict, args: argparse.Namespace) -> Iterator[str]:
+    """`settings` served by Serve on a second local Ray whose processes all start with THROUGHPUT_ENV."""
+    flags = ["--serve-server", json.dumps(settings), "--cpus", str(args.cpus)]
+    return subprocess_server(flags, THROUGHPUT_ENV, ready_path="/v2/health/ready")
+
+
+def run_serve_server(settings: dict, port: int, cpus: int) -> None:
+    """A local Ray of its own (the environment, THROUGHPUT_ENV, reaches every Ray process), serving on `port`."""
+    import ray
+    from ray import serve
+
+    from rayimgcls.serve import build_app
+
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings), name="tput", route_prefix="/")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run_plain_server(model_dir: str, port: int, threads: int) -> None:
@@ -288,7 +331,8 @@ def replica_count() -> int:
     from ray import serve
 
     app = serve.status().applications.get("autoscale")
-    return app.deployments["ModelServer"].replica_states.get("RUNNING", 0) if app else 0
+    deployment = "Ingress" if VARIANTS[DEFAULT]["layout"] == "fused" else "ModelServer"  # the one that scales
+    return app.deployments[deployment].replica_states.get("RUNNING", 0) if app else 0
 
 
 def autoscale(model_dir: Path, bodies: list[bytes], port: int, args: argparse.Namespace) -> tuple[int, int]:
@@ -299,6 +343,7 @@ def autoscale(model_dir: Path, bodies: list[bytes], port: int, args: argparse.Na
     settings = serve_settings(
         model_dir,
         args,
+        **VARIANTS[DEFAULT],
         min_replicas=1,
         max_replicas=2,
         target_ongoing_requests=2,
@@ -336,14 +381,27 @@ def autoscale(model_dir: Path, bodies: list[bytes], port: int, args: argparse.Na
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_default() -> None:
+    """DEFAULT must be what a user gets: its settings equal ServeConfig's defaults."""
+    from rayimgcls.config import ServeConfig
+
+    defaults = ServeConfig(model_dir="x")
+    wrong = {k: v for k, v in VARIANTS[DEFAULT].items() if getattr(defaults, k) != v}
+    assert not wrong, f"DEFAULT={DEFAULT} differs from ServeConfig's defaults in {wrong}"
+
+
 def main() -> None:
     args = parse_args()
     if args.plain_server:
         run_plain_server(args.model_dir, args.port, args.torch_threads)
         return
+    if args.serve_server:
+        run_serve_server(json.loads(args.serve_server), args.port, args.cpus)
+        return
     import ray
     from ray import serve
 
+    check_default()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     bodies, model_dir = make_inputs(args)
     print(
@@ -356,29 +414,46 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        with ExitStack() as stack:  # all three up at once (idle ones cost next to nothing), runs interleaved
-            batched = serve_app("batched", serve_settings(model_dir, args), port)
-            unbatched = serve_app("unbatched", serve_settings(model_dir, args, max_batch_size=1), port)
+        with ExitStack() as stack:  # all up at once (idle ones cost next to nothing), runs interleaved
             servers = {
-                "serve-batched": stack.enter_context(batched),
-                "serve-unbatched": stack.enter_context(unbatched),
-                "plain": stack.enter_context(plain_server(model_dir, args)),
+                name: stack.enter_context(serve_app(name, serve_settings(model_dir, args, **settings), port))
+                for name, settings in VARIANTS.items()
             }
+            tput = serve_settings(model_dir, args, **VARIANTS["split-nowait"])
+            servers["split-nowait-tput"] = stack.enter_context(second_ray_server(tput, args))
+            servers["plain"] = stack.enter_context(plain_server(model_dir, args))
             runs = measure(servers, bodies, args)
         report(runs)
         scaled = autoscale(model_dir, bodies, port, args) if args.autoscale else None
     finally:
         serve.shutdown()
         ray.shutdown()
-    top = max(int(x) for x in args.concurrency.split(","))
-    for name, other, target in (("serve_batching", "serve-unbatched", 1.0), ("serve_vs_plain", "plain", 0.7)):
-        ratio, each = paired_ratio(runs, "serve-batched", other, top)
+    concurrencies = [int(x) for x in args.concurrency.split(",")]
+    top = max(concurrencies)
+    for name in servers:
+        if name != "plain":
+            ratio, each = paired_ratio(runs, name, "plain", top)
+            print(f"RESULT {name.replace('-', '_')}_vs_fastapi ratio={ratio:.2f} (c={top}; rounds {_each(each)})")
+    ratio, each = paired_ratio(runs, DEFAULT, "plain", top)
+    print(f"RESULT serve_vs_fastapi ratio={ratio:.2f} target=1.0 (c={top}, {DEFAULT} / plain; rounds {_each(each)})")
+    ratio, each = paired_ratio(runs, DEFAULT, "fused-nowait-unbatched", top)
+    print(f"RESULT serve_batching ratio={ratio:.2f} target=1.0 (c={top}, {DEFAULT} / unbatched; rounds {_each(each)})")
+    if 1 in concurrencies:
+        ratios = [p.p50_ms / ours.p50_ms for p, ours in zip(runs["plain", 1], runs[DEFAULT, 1], strict=True)]
         print(
-            f"RESULT {name} ratio={ratio:.2f} target={target} "
-            f"(c={top}, serve-batched / {other}, median of rounds {', '.join(f'{r:.2f}' for r in each)})"
+            f"RESULT serve_c1_latency_fastapi_vs_serve ratio={statistics.median(ratios):.2f} target=0.75 "
+            f"(c=1, plain p50 / {DEFAULT} p50; rounds {_each(ratios)})"
         )
     if scaled:
         print(f"RESULT serve_autoscale peak_replicas={scaled[0]} final_replicas={scaled[1]} target=2,1")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _each(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SERVE_LAYOUTS = ("fused", "split")
 
 
 @dataclass
@@ -215,7 +216,9 @@ class ServeConfig:
     api_key: str | None = opt(None, "Bearer token required on every route that uses the model (or RAYIMGCLS_API_KEY).")
     allow_no_key: bool = opt(False, "Allow a host beyond loopback without an API key (refused otherwise).")
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
-    use_gpu: bool = opt(False, "One GPU per model replica.")
+    layout: str = opt("split", "fused: ingress and model in one deployment (no hop); split: two, scaled apart.")
+    use_gpu: bool = opt(False, "Give each model replica a GPU (or a share of one: gpus_per_replica).")
+    gpus_per_replica: float = opt(1.0, "GPU share of each model replica with --use-gpu, 0 < x <= 1.")
     num_cpus: float = opt(0.5, "CPUs reserved per model replica (fractional so replicas fit on small hosts).")
     ingress_num_cpus: float = opt(0.25, "CPUs reserved per ingress replica.")
     ingress_replicas: int = opt(1, "Ingress replicas (they validate and decode images).")
@@ -225,7 +228,9 @@ class ServeConfig:
     max_concurrent_decodes: int = opt(2, "Requests one ingress replica decodes at once (each in a thread).")
     torch_threads: int | None = opt(None, "Torch threads per model replica; default max(1, floor(num_cpus)).")
     max_batch_size: int = opt(16, "Largest batch @serve.batch forms (1 turns batching off).")
-    batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill.")
+    batch_wait_timeout_s: float = opt(
+        0.0, "How long a batch waits to fill; 0: a batch is what queued while the last one ran (no lone request waits)."
+    )
     max_concurrent_batches: int = opt(
         1, "Batches a model replica runs at once, each in a thread (2 with torch_threads=1: 2 CPU cores)."
     )
@@ -249,6 +254,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         errors = [
             _check(self, "port", 1 <= self.port <= 65535, "1..65535"),
+            _check(self, "layout", self.layout in SERVE_LAYOUTS, " | ".join(SERVE_LAYOUTS)),
+            _check(self, "gpus_per_replica", 0 < self.gpus_per_replica <= 1, "0 < x <= 1"),
             _check(self, "api_key", self.api_key is None or len(self.api_key) > 0, "a non-empty string"),
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "num_cpus", self.num_cpus >= 0, ">= 0"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import math
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from ray import serve
 from rayimgcls.config import ConfigError, ServeConfig, check_keys, load_config
 from rayimgcls.model import read_card
 from rayimgcls.serve.api import API_KEY_ENV
-from rayimgcls.serve.deployments import Ingress, ModelServer, autoscaling_config
+from rayimgcls.serve.deployments import Ingress, ModelServer, autoscaling_config, model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +29,27 @@ MODEL_DIR_ENV = "RAYIMGCLS_MODEL_DIR"  # read only by `rayimgcls.serve:app`
 
 
 def build(cfg: ServeConfig) -> serve.Application:
-    """The application for `cfg`: an ingress in front of an autoscaling, batching model deployment."""
+    """The application for `cfg`: an ingress and an autoscaling, batching model, in one deployment (fused) or two
+    (split)."""
     read_card(cfg.model_dir)  # a wrong model_dir fails here, not in a loop of crashing replicas
     _check_cluster(cfg)
+    gpus = cfg.gpus_per_replica if cfg.use_gpu else 0
+    # Async and cheap per request: slow uploads may hold many ingress slots without holding a model slot.
+    ingress = {"max_ongoing_requests": cfg.ingress_max_ongoing_requests}
+    if cfg.layout == "fused":
+        return Ingress.options(
+            **ingress,
+            autoscaling_config=autoscaling_config(cfg),
+            ray_actor_options={"num_cpus": cfg.num_cpus + cfg.ingress_num_cpus, "num_gpus": gpus},
+        ).bind(None, cfg)
     model = ModelServer.options(
         autoscaling_config=autoscaling_config(cfg),
         max_ongoing_requests=cfg.ongoing_requests_limit,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.use_gpu else 0},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus},
         logging_config={"enable_access_log": False},  # a line per image is noise: the ingress logs requests
-    ).bind(
-        cfg.model_dir,
-        use_gpu=cfg.use_gpu,
-        precision=cfg.precision,
-        torch_threads=cfg.torch_threads or max(1, math.floor(cfg.num_cpus)),
-        max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-        max_concurrent_batches=cfg.max_concurrent_batches,
-    )
+    ).bind(**model_kwargs(cfg))
     return Ingress.options(
-        num_replicas=cfg.ingress_replicas,
-        # Async and cheap per request: slow uploads may hold many ingress slots without holding a model slot.
-        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        **ingress, num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_num_cpus}
     ).bind(model, cfg)
 
 
@@ -63,10 +61,11 @@ def _check_cluster(cfg: ServeConfig) -> None:
 
     if ray.is_initialized():
         replicas = max(1, cfg.min_replicas)
+        ingresses = replicas if cfg.layout == "fused" else cfg.ingress_replicas
         check_resources(
             "serve",
-            cpus=cfg.num_cpus * replicas + cfg.ingress_num_cpus * cfg.ingress_replicas,
-            gpus=replicas if cfg.use_gpu else 0,
+            cpus=cfg.num_cpus * replicas + cfg.ingress_num_cpus * ingresses,
+            gpus=replicas * cfg.gpus_per_replica if cfg.use_gpu else 0,
         )
 
 

@@ -1,8 +1,13 @@
-"""The two Serve deployments: an HTTP ingress that checks and decodes requests, and a batched model replica.
+"""The Serve deployments: an HTTP ingress that checks and decodes requests, and a batched model.
 
-    client --HTTP--> Serve proxy --> Ingress (FastAPI, async)          --handle--> ModelServer
-                                     API key, limits, deadlines,                   @serve.batch over images,
-                                     parse, decode + transform                     Predictor.predict_batch
+    layout "split":  client --HTTP--> Serve proxy --> Ingress (FastAPI, async) --handle--> ModelServer
+                                                      API key, limits, deadlines,          BatchedModel:
+                                                      parse, decode + transform            @serve.batch, Predictor
+    layout "fused":  client --HTTP--> Serve proxy --> Ingress (FastAPI, async) + BatchedModel in the same replica
+
+"fused" saves a process hop per image (the decoded array is not sent to another actor), which on CPUs is most of
+Serve's cost per request (benchmarks/bench_serve.py); "split" scales the model apart from the decoding, which
+GPU replicas want (a GPU replica's CPUs need not decode every request it runs).
 
 Decoding happens in the ingress, request by request, so a bad image fails its own request with a 4xx and a
 fixed code, never a batch of other clients' images; the model replica only ever sees uint8 (3, S, S) arrays.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -58,11 +64,12 @@ def unavailable(error: BaseException) -> ApiError:
     return ApiError("unavailable", f"no model replica could answer ({type(error).__name__}); retry shortly")
 
 
-@serve.deployment
-class ModelServer:
-    """A model replica. Serve routes nothing here until __init__ returns, and __init__ loads the weights and
-    runs a warm-up batch, so a replica that answers is ready. `predict(image)` takes one image per call;
-    `@serve.batch` collects concurrent calls into one `run_batch`, whose sizes are counted for `stats`."""
+class BatchedModel:
+    """A Predictor behind `@serve.batch`. Serve routes nothing to a replica until its __init__ returns, and this
+    __init__ loads the weights and runs a warm-up batch, so a replica that answers is ready. `predict(image)` takes
+    one image per call; `@serve.batch` collects concurrent calls into one `run_batch`, whose sizes are counted for
+    `stats`. With batch_wait_timeout_s 0 a lone request is never held: a batch is whatever queued while the last
+    one ran."""
 
     def __init__(
         self,
@@ -81,7 +88,9 @@ class ModelServer:
         self.torch_threads = torch_threads
         self.predictor = Predictor.from_dir(model_dir, "cuda" if use_gpu else "cpu", precision)
         size = self.predictor.card.preprocess.input_size
-        self.predictor.predict_batch(np.zeros((1, 3, size, size), np.uint8))  # first call pays lazy init
+        # A full batch: the first real one then pays no lazy init or kernel selection, and a batch that does not fit
+        # the device's memory fails here, before the replica says it is ready.
+        self.predictor.predict_batch(np.zeros((max_batch_size, 3, size, size), np.uint8))
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
         # Applied here rather than as a decorator: all three settings come from the configuration.
@@ -114,12 +123,32 @@ class ModelServer:
 
 
 @serve.deployment
+class ModelServer(BatchedModel):
+    """The model replica of the split layout, called through a DeploymentHandle."""
+
+
+def model_kwargs(cfg: ServeConfig) -> dict[str, Any]:
+    """BatchedModel's keyword arguments from the serving settings."""
+    return {
+        "model_dir": cfg.model_dir,
+        "use_gpu": cfg.use_gpu,
+        "precision": cfg.precision,
+        "torch_threads": cfg.torch_threads or max(1, math.floor(cfg.num_cpus)),
+        "max_batch_size": cfg.max_batch_size,
+        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "max_concurrent_batches": cfg.max_concurrent_batches,
+    }
+
+
+@serve.deployment
 @serve.ingress()
 class Ingress:
-    """The HTTP side: API key, limits, parsing and decoding; one model call per image through the handle."""
+    """The HTTP side: API key, limits, parsing and decoding; one model call per image, through the handle (split)
+    or to the BatchedModel in this replica (fused: `model` is None)."""
 
-    def __init__(self, model: DeploymentHandle, cfg: ServeConfig) -> None:
+    def __init__(self, model: DeploymentHandle | None, cfg: ServeConfig) -> None:
         self.model, self.cfg = model, cfg
+        self.local = BatchedModel(**model_kwargs(cfg)) if model is None else None
         self.card = read_card(cfg.model_dir)
         self.model_name = cfg.model_name or self.card.model_name  # the name in the Open Inference Protocol routes
         self.pre = dataclasses.replace(self.card.preprocess, max_pixels=cfg.max_pixels)
@@ -199,6 +228,8 @@ class Ingress:
     async def predict(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """One model call per image. Calls lost with their replica (killed, node gone) are sent again once, after
         Serve's router has had a moment to drop it; if that fails too the request is a 503, never a 500."""
+        if self.local is not None:
+            return list(await asyncio.gather(*(self.local.predict(a) for a in arrays)))
         results = await asyncio.gather(*(self.model.predict.remote(a) for a in arrays), return_exceptions=True)
         lost = [i for i, r in enumerate(results) if isinstance(r, REPLICA_GONE)]
         if lost:
@@ -215,12 +246,16 @@ class Ingress:
         return results  # type: ignore[return-value]
 
     async def stats(self) -> dict[str, Any]:
+        if self.local is not None:
+            return self.local.stats()
         try:
             return await self.model.stats.remote()
         except REPLICA_GONE as e:
             raise unavailable(e) from None
 
     async def is_ready(self) -> bool:
+        if self.local is not None:
+            return True  # this replica loaded the model and ran its warm-up batch before it took a request
         if not self.ready:
             try:
                 await asyncio.wait_for(self.model.stats.remote(), READY_PROBE_S)
@@ -253,6 +288,7 @@ class Ingress:
                 "body_timeout_s": cfg.body_timeout_s,
                 "accepted_formats": list(ACCEPTED_FORMATS),
             },
+            "layout": cfg.layout,
             "batching": {
                 k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_concurrent_batches")
             },
