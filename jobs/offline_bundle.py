@@ -128,59 +128,27 @@ def target_flags(python_version: str, platforms: list[str]) -> list[str]:
     return flags
 
 
+def pip_command(verb: str, options: list[str], python_version: str, platforms: list[str], args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", verb, "--quiet", *options, *target_flags(python_version, platforms), *args]
+
+
 def resolve_command(
     requirements: list[str], python_version: str, platforms: list[str], report: Path, target: Path
 ) -> list[str]:
     """pip's resolver for the target, metadata only (`--dry-run`; PyPI serves wheel metadata on its own)."""
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--dry-run",
-        "--ignore-installed",
-        "--quiet",
-        "--report",
-        str(report),
-        "--target",
-        str(target),
-        *target_flags(python_version, platforms),
-        *requirements,
-    ]
+    options = ["--dry-run", "--ignore-installed", "--report", str(report), "--target", str(target)]
+    return pip_command("install", options, python_version, platforms, requirements)
 
 
 def download_command(pins: list[str], python_version: str, platforms: list[str], dest: Path) -> list[str]:
     """Exactly the resolved wheels, none of their dependencies (those were chosen already)."""
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "-d",
-        str(dest),
-        *target_flags(python_version, platforms),
-        *pins,
-    ]
+    return pip_command("download", ["--no-deps", "-d", str(dest)], python_version, platforms, pins)
 
 
 def stage_command(wheels: list[Path], python_version: str, platforms: list[str], target: Path) -> list[str]:
     """Install the downloaded wheels into one tree, as the target's pip would (no index, nothing compiled)."""
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-index",
-        "--no-deps",
-        "--no-compile",
-        "--quiet",
-        "--target",
-        str(target),
-        *target_flags(python_version, platforms),
-        *map(str, wheels),
-    ]
+    options = ["--no-index", "--no-deps", "--no-compile", "--target", str(target)]
+    return pip_command("install", options, python_version, platforms, [str(w) for w in wheels])
 
 
 def run(cmd: list[str]) -> None:
