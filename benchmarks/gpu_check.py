@@ -602,11 +602,7 @@ def ray_tier(check: Check, plan: Plan, root: Path, work: Path, args: argparse.Na
         with check.stage("train") as rec:
             model_dir = train_stage(rec, plan, root, work, stages.get("synthetic", {}).get("images_per_s"))
         if model_dir is None:  # infer and Serve still get measured, on untrained weights
-            from rayimgcls.model import make_untrained_model_dir
-
-            model_dir = work / "untrained"
-            make_untrained_model_dir(model_dir, model_name=plan.model, image_size=plan.image_size,
-                                     model_kwargs=plan.model_kwargs, precision="auto")  # fmt: skip
+            model_dir = untrained(plan, work)
         with check.stage("infer") as rec:
             infer_stage(rec, plan, model_dir, root, work)
         with check.stage("serve") as rec:
@@ -654,15 +650,23 @@ def plain_train(plan: Plan, root: Path, out: Path) -> Path:
     return out
 
 
+def untrained(plan: Plan, work: Path) -> Path:
+    """The speed model with random weights (what training would have exported), for the model-only rate."""
+    from rayimgcls.model import make_untrained_model_dir
+
+    out = work / "untrained"
+    if not (out / "config.json").exists():
+        make_untrained_model_dir(out, model_name=plan.model, image_size=plan.image_size,
+                                 model_kwargs=plan.model_kwargs, precision="auto")  # fmt: skip
+    return out
+
+
 def no_ray_tier(check: Check, plan: Plan, root: Path, work: Path) -> None:
-    model_dir = None
     with check.stage("predictor") as rec:
-        model_dir = plain_train(plan, root, work / "plain-model")
-        rec["model_only_images_per_s"] = round(model_only_rate(model_dir, root, plan), 1)
-        print(f"predictor: {rec['model_only_images_per_s']} images/s model only")
+        rec["model_only_images_per_s"] = round(model_only_rate(untrained(plan, work), root, plan), 1)
+        print(f"predictor: {plan.model} {rec['model_only_images_per_s']} images/s model only")
     with check.stage("parity") as rec:
-        if model_dir is None:
-            raise RuntimeError("no model: the predictor stage failed")
+        model_dir = plain_train(plan, root, work / "plain-model")
         parity_predictor(rec, model_dir, parity_files(root, plan), plan)
         if failed_comparisons(rec):
             raise RuntimeError(f"parity exceeded: {', '.join(failed_comparisons(rec))}")
@@ -712,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # This checkout's rayimgcls, here and in every Ray worker (which start in other folders)
+    repo = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, repo)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     log = (args.out / LOG_FILE).open("w")
     sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
