@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py --out /tmp/gpu-check        # on a GPU machine: < 5 minutes on one H200
     python benchmarks/gpu_check.py --dry-run --out /tmp/dry    # anywhere: the same flow on the CPU, tiny
     python benchmarks/gpu_check.py --no-ray --out /tmp/g       # the tier without Ray (automatic without it)
+    python benchmarks/gpu_check.py --out /tmp/g --stages serve,parity   # a rerun of what failed
 
 Stages, each timed and recorded, a failure recorded and the next stage run:
   versions   nvidia-smi, torch, CUDA, cuDNN, timm, Ray, the TF32 settings
@@ -52,6 +53,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3}
 CROSS_DEVICE_TOLERANCE = 1e-2  # device bf16 against CPU fp32
 LOG_FILE, JSON_FILE = "gpu_check.log", "gpu_check.json"
+STAGES = ("versions", "decode", "synthetic", "train", "infer", "serve", "parity", "predictor")
 
 
 @dataclass(frozen=True)
@@ -137,33 +139,37 @@ class Tee:
 
 
 class Check:
-    def __init__(self, out: Path, mode: str, tier: str, plan: Plan) -> None:
-        self.out, self.results = out, []
+    def __init__(self, out: Path, mode: str, tier: str, plan: Plan, only: set[str] | None = None) -> None:
+        self.out, self.results, self.only = out, [], only
         self.doc: dict[str, Any] = {"mode": mode, "tier": tier, "plan": dataclasses.asdict(plan), "stages": {}}
 
-    @contextmanager
-    def stage(self, name: str):
-        """Run one stage: its figures go into a dict, its failure is recorded and does not stop the next."""
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one stage, `fn(record, *args)`: its figures go into the record, a failure is recorded and does
+        not stop the next stage. Returns what fn returned (None when it failed or was not asked for)."""
         record: dict[str, Any] = {}
+        self.doc["stages"][name] = record
+        if self.only is not None and name not in self.only:
+            record["skipped"] = True
+            return None
         print(f"\n=== {name}", flush=True)
-        start = time.perf_counter()
+        start, out = time.perf_counter(), None
         try:
-            yield record
+            out = fn(record, *args)
             record["ok"] = True
         except Exception as e:  # noqa: BLE001 - every failure is a finding: record it, run the next stage
             traceback.print_exc()
             record.update(ok=False, error=f"{type(e).__name__}: {e}".strip()[:2000])
         record["seconds"] = round(time.perf_counter() - start, 2)
-        self.doc["stages"][name] = record
         print(f"=== {name}: {'ok' if record['ok'] else 'FAILED: ' + record['error']} ({record['seconds']} s)")
         self.save()
+        return out
 
     def result(self, name: str, ratio: float, target: str, note: str = "") -> None:
         self.results.append({"name": name, "ratio": ratio, "target": target, "note": note})
         self.doc["results"] = self.results
 
     def failed(self) -> list[str]:
-        return [n for n, r in self.doc["stages"].items() if not r["ok"]]
+        return [n for n, r in self.doc["stages"].items() if r.get("ok") is False]
 
     def save(self) -> None:
         (self.out / JSON_FILE).write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
@@ -591,24 +597,18 @@ def ray_tier(check: Check, plan: Plan, root: Path, work: Path, args: argparse.Na
     from bench_serve import free_port
     from ray import serve
 
-    stages = check.doc["stages"]
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     for name in ("ray.serve", "ray.data", "ray.train"):  # the driver's own INFO lines; errors still show
         logging.getLogger(name).setLevel(logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     try:
-        model_dir = None
-        with check.stage("train") as rec:
-            model_dir = train_stage(rec, plan, root, work, stages.get("synthetic", {}).get("images_per_s"))
-        if model_dir is None:  # infer and Serve still get measured, on untrained weights
-            model_dir = untrained(plan, work)
-        with check.stage("infer") as rec:
-            infer_stage(rec, plan, model_dir, root, work)
-        with check.stage("serve") as rec:
-            serve_stage(rec, plan, model_dir, root, port)
-        with check.stage("parity") as rec:
-            parity_stage(rec, plan, None if plan.parity_model else model_dir, root, work, port)
+        synthetic_rate = check.doc["stages"]["synthetic"].get("images_per_s")
+        # without a trained model (train failed or not asked for) infer and Serve run on untrained weights
+        model_dir = check.run("train", train_stage, plan, root, work, synthetic_rate) or untrained(plan, work)
+        check.run("infer", infer_stage, plan, model_dir, root, work)
+        check.run("serve", serve_stage, plan, model_dir, root, port)
+        check.run("parity", parity_stage, plan, None if plan.parity_model else model_dir, root, work, port)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -661,15 +661,21 @@ def untrained(plan: Plan, work: Path) -> Path:
     return out
 
 
+def predictor_stage(rec: dict, plan: Plan, root: Path, work: Path) -> None:
+    rec["model_only_images_per_s"] = round(model_only_rate(untrained(plan, work), root, plan), 1)
+    print(f"predictor: {plan.model} {rec['model_only_images_per_s']} images/s model only")
+
+
+def plain_parity_stage(rec: dict, plan: Plan, root: Path, work: Path) -> None:
+    model_dir = plain_train(plan, root, work / "plain-model")
+    parity_predictor(rec, model_dir, parity_files(root, plan), plan)
+    if failed_comparisons(rec):
+        raise RuntimeError(f"parity exceeded: {', '.join(failed_comparisons(rec))}")
+
+
 def no_ray_tier(check: Check, plan: Plan, root: Path, work: Path) -> None:
-    with check.stage("predictor") as rec:
-        rec["model_only_images_per_s"] = round(model_only_rate(untrained(plan, work), root, plan), 1)
-        print(f"predictor: {plan.model} {rec['model_only_images_per_s']} images/s model only")
-    with check.stage("parity") as rec:
-        model_dir = plain_train(plan, root, work / "plain-model")
-        parity_predictor(rec, model_dir, parity_files(root, plan), plan)
-        if failed_comparisons(rec):
-            raise RuntimeError(f"parity exceeded: {', '.join(failed_comparisons(rec))}")
+    check.run("predictor", predictor_stage, plan, root, work)
+    check.run("parity", plain_parity_stage, plan, root, work)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -709,6 +715,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="data, runs and results (default OUT/work, deleted at the end)")
     p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak for the MFU (default: datasheet by GPU name)")
+    p.add_argument(
+        "--stages",
+        help="comma-separated stages to run (a rerun of what failed), e.g. serve,parity; versions always runs",
+    )
     return p.parse_args(argv)
 
 
@@ -730,21 +740,22 @@ def main(argv: list[str] | None = None) -> int:
         tier = "no-ray" if args.no_ray else "ray"
     except ImportError:
         tier = "no-ray"
-    check = Check(args.out, "dry-run" if args.dry_run else "gpu", tier, plan)
+    only = {"versions", *args.stages.split(",")} if args.stages else None
+    if only and only - set(STAGES):
+        raise SystemExit(f"error: --stages: unknown {', '.join(sorted(only - set(STAGES)))} (stages: {STAGES})")
+    check = Check(args.out, "dry-run" if args.dry_run else "gpu", tier, plan, only)
     work = args.workdir or args.out / "work"
     started = time.perf_counter()
     print(f"gpu_check: {check.doc['mode']}, tier {tier}, device {plan.device}, work in {work}")
-    with check.stage("versions") as rec:
-        versions(rec, plan.device)
-    if not rec["ok"]:  # no GPU (or no torch): every later stage would fail the same way
+    check.run("versions", versions, plan.device)
+    rec = check.doc["stages"]["versions"]
+    if rec.get("ok") is False:  # no GPU (or no torch): every later stage would fail the same way
         print(f"\ngpu_check stopped: FAILED stages: versions ({rec['error']}); {args.out / JSON_FILE}")
         return 1
     root = make_data(work, plan)
     classes = len(json.loads((root / "class_to_idx.json").read_text()))
-    with check.stage("decode") as rec:
-        decode_rate(rec, root, plan)
-    with check.stage("synthetic") as rec:
-        synthetic(rec, plan, classes, args.peak_tflops)
+    check.run("decode", decode_rate, root, plan)
+    check.run("synthetic", synthetic, plan, classes, args.peak_tflops)
     if plan.device == "cuda":
         import torch
 

@@ -101,3 +101,15 @@ def test_without_a_gpu_the_real_check_stops_naming_the_stage(tmp_path):
     assert "FAILED stages: versions" in proc.stdout and "no CUDA device" in proc.stdout
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["mode"] == "gpu" and doc["stages"]["versions"]["ok"] is False
+
+
+@pytest.mark.timeout(200)
+def test_a_rerun_runs_only_the_stages_asked_for(tmp_path):
+    out = tmp_path / "out"
+    proc = run_check(out, "--dry-run", "--no-ray", "--stages", "decode", timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+    assert stages["versions"]["ok"] and stages["decode"]["ok"] and stages["decode"]["images_per_s_per_cpu"] > 0
+    assert all(stages[name] == {"skipped": True} for name in ("synthetic", "predictor", "parity"))
+    bad = run_check(tmp_path / "bad", "--dry-run", "--stages", "serv", timeout=60)
+    assert bad.returncode != 0 and "--stages: unknown serv" in bad.stderr
