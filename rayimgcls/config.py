@@ -161,8 +161,13 @@ class InferConfig:
         "instead of a CSV; relative to data_root when that is given.",
     )
     batch_size: int = opt(64, "Images per model call.")
-    num_actors: int | None = opt(None, "Model actors; default one per GPU with --use-gpu, else one per node.")
-    use_gpu: bool = opt(False, "One GPU per model actor.")
+    num_actors: int | None = opt(
+        None, "Model actors; default the cluster's GPUs / gpus_per_actor with --use-gpu, else one per node."
+    )
+    use_gpu: bool = opt(False, "Run the model actors on GPUs (gpus_per_actor each).")
+    gpus_per_actor: float | None = opt(
+        None, "GPU share of each model actor with --use-gpu, 0 < x <= 1 (default 1; 0.5 packs two on a GPU)."
+    )
     cpus_per_actor: float | None = opt(
         None, "CPUs each model actor reserves, the rest decode images; default 1 with --use-gpu, else 0.5."
     )
@@ -183,6 +188,7 @@ class InferConfig:
             _check(self, "batch_size", self.batch_size >= 1, ">= 1"),
             _check(self, "num_actors", self.num_actors is None or self.num_actors >= 1, ">= 1"),
             _check(self, "cpus_per_actor", self.cpus_per_actor is None or self.cpus_per_actor > 0, "> 0"),
+            _check(self, "gpus_per_actor", self.gpus_per_actor is None or 0 < self.gpus_per_actor <= 1, "0 < x <= 1"),
             _check(self, "threads_per_actor", self.threads_per_actor is None or self.threads_per_actor >= 1, ">= 1"),
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "top_k", self.top_k >= 1, ">= 1"),
@@ -193,6 +199,8 @@ class InferConfig:
             errors.append("overwrite and resume: choose one")
         if self.images and self.subset:
             errors.append(f"subset={self.subset!r}: only with a CSV, not with images={self.images!r}")
+        if self.gpus_per_actor is not None and not self.use_gpu:
+            errors.append(f"gpus_per_actor={self.gpus_per_actor!r}: only with use_gpu")
         for name in ("model_dir", "result_dir"):
             if not getattr(self, name):
                 errors.append(f"{name}: required")

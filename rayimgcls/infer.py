@@ -406,17 +406,19 @@ def plan_pool(cfg: InferConfig) -> PoolPlan:
 
     nodes = node_cpus()
     most = max_resources()  # an autoscaling cluster's maximum where it says it: an actor per GPU it can have
-    pool = size_pool(cfg, nodes, gpus=int(most.get("GPU", 0)), max_cpus=most.get("CPU", 0.0))
+    pool = size_pool(cfg, nodes, gpus=most.get("GPU", 0.0), max_cpus=most.get("CPU", 0.0))
     check_resources("inference", cpus=pool.actors * pool.cpus, gpus=pool.actors * pool.gpus)
     return pool
 
 
-def size_pool(cfg: InferConfig, nodes: list[float], gpus: int, max_cpus: float) -> PoolPlan:
-    """One actor per GPU with --use-gpu; on CPUs, by default one actor per node whose torch threads use all
-    the node's cores while it reserves only CPU_ACTOR_CPUS. A matmul-bound model gains nothing from a second
-    process on the same cores; the reservation only decides how many decode tasks run beside it. It must
-    differ from a decode task's 1 CPU: with equal resource requests Ray Data fuses the decode into the actor
-    (ray issue #54433), which serialises decoding with the model.
+def size_pool(cfg: InferConfig, nodes: list[float], gpus: float, max_cpus: float) -> PoolPlan:
+    """With --use-gpu, as many actors as the cluster's GPUs hold at `gpus_per_actor` each (1: one per GPU;
+    0.5: two share each GPU, which pays when one actor leaves the GPU idle between batches). On CPUs, by
+    default one actor per node whose torch threads use all the node's cores while it reserves only
+    CPU_ACTOR_CPUS. A matmul-bound model gains nothing from a second process on the same cores; the
+    reservation only decides how many decode tasks run beside it. It must differ from a decode task's 1 CPU:
+    with equal resource requests Ray Data fuses the decode into the actor (ray issue #54433), which
+    serialises decoding with the model.
 
     Decoding must still find a CPU, or the pipeline waits forever: a CPU actor goes only on a node with room for
     a decode task beside it (nodes of one CPU decode), and on a lone one-CPU machine the decode tasks take the
@@ -425,8 +427,10 @@ def size_pool(cfg: InferConfig, nodes: list[float], gpus: int, max_cpus: float) 
     from rayimgcls.runtime import ResourceError
 
     cpus = cfg.cpus_per_actor or (1.0 if cfg.use_gpu else CPU_ACTOR_CPUS)
+    gpu_share = (cfg.gpus_per_actor or 1.0) if cfg.use_gpu else 0.0
     roomy = [c for c in nodes if c >= cpus + 1.0]
-    actors = cfg.num_actors or (max(gpus, 1) if cfg.use_gpu else max(len(roomy), 1))
+    per_gpus = max(math.floor(gpus / gpu_share + 1e-9), 1) if cfg.use_gpu else 0  # 1e-9: 0.3 / 0.1 is 2.999...
+    actors = cfg.num_actors or (per_gpus if cfg.use_gpu else max(len(roomy), 1))
     decode_cpus = min(1.0, max_cpus - actors * cpus)
     if decode_cpus <= 0:
         raise ResourceError(
@@ -435,7 +439,7 @@ def size_pool(cfg: InferConfig, nodes: list[float], gpus: int, max_cpus: float) 
         )
     per_node = math.ceil(actors / max(len(roomy) or len(nodes), 1))
     threads = cfg.threads_per_actor or max(1, int(max(nodes, default=1)) // per_node)
-    return PoolPlan(actors, cpus, 1.0 if cfg.use_gpu else 0.0, threads, decode_cpus)
+    return PoolPlan(actors, cpus, gpu_share, threads, decode_cpus)
 
 
 def predictions_dataset(frame: pd.DataFrame, data_root: str, card: ModelCard, cfg: InferConfig, pool: PoolPlan) -> Any:

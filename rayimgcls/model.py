@@ -210,13 +210,20 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 # Inference
 
 
+def bf16_is_native(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability has bf16 tensor cores (Ampere, 8.0, and later).
+    `torch.cuda.is_bf16_supported()` also says True on a V100 or T4 (7.x), where bf16 is emulated and runs
+    slower than fp32: its default `including_emulation=True` only checks that a bf16 tensor can be made."""
+    return capability[0] >= 8
+
+
 def resolve_precision(
     precision: str, device: torch.device, model: torch.nn.Module | None = None, input_size: int = 224
 ) -> str:
     """'auto' -> 'bf16' where the hardware runs this model faster in bf16 (and agrees), else 'fp32'.
 
-    On CUDA that is any GPU with bf16 support. On a CPU it is measured: forward passes of a small batch in
-    both precisions, alternating, bf16 chosen only if the best of three is >= 1.2x faster with
+    On CUDA that is a GPU with native bf16 (`bf16_is_native`). On a CPU it is measured: forward passes of a
+    small batch in both precisions, alternating, bf16 chosen only if the best of three is >= 1.2x faster with
     probabilities within 0.02. Best of three and alternating because one timing on a shared machine is
     noise: the same pass took from 0.6 s to 5.6 s on a loaded 2-core host, which made a single comparison a
     coin flip (vit_small_patch16_224 runs 1.3-1.6x faster in bf16 there, probabilities within 0.0013).
@@ -224,7 +231,7 @@ def resolve_precision(
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if bf16_is_native(torch.cuda.get_device_capability(device)) else "fp32"
     if model is None:
         return "fp32"
     x = torch.randn(4, 3, input_size, input_size)
@@ -246,6 +253,38 @@ def resolve_precision(
     return "bf16" if agree and min(times[False]) / min(times[True]) >= 1.2 else "fp32"
 
 
+def use_ieee_fp32() -> None:
+    """TF32 off for CUDA matmuls and cuDNN convolutions, process-wide: what precision 'fp32' means on a GPU.
+
+    PyTorch's defaults differ per op: matmuls are IEEE fp32, but cuDNN convolutions (ViT's patch embedding)
+    run in TF32 (10-bit mantissa), which moved GPU probabilities ~1e-3 away from the CPU's. 'fp32' is the
+    exact setting (parity with the CPU to 1e-5); 'auto'/'bf16' is the fast one on every GPU with TF32, since
+    bf16 and TF32 arrived together (Ampere). Only the new `fp32_precision` API is used where torch has it:
+    mixing it with the legacy `allow_tf32` flags makes torch raise when either is read.
+    """
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to run on: as given, else CUDA when there is one. A CUDA device this process cannot see is
+    refused here, with the reason, rather than by torch deep inside loading the weights."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ModelError(
+            f"device {device!r}: no CUDA device is visible (torch {torch.__version__}, {built}"
+            + (f", CUDA_VISIBLE_DEVICES={seen!r}" if seen is not None else "")
+            + "); use device='cpu', or give the process a GPU"
+        )
+    return dev
+
+
 ImageInput = Image.Image | bytes | str | os.PathLike | np.ndarray
 
 
@@ -260,12 +299,15 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device, precision: str) -> None:
         self.model, self.card, self.device = model, card, device
         self.precision = resolve_precision(precision, device, model, card.preprocess.input_size)
+        if device.type == "cuda" and self.precision == "fp32":
+            use_ieee_fp32()
+        self.max_batch: int | None = None  # learnt from an out-of-memory error, see _forward
 
     @classmethod
     def from_dir(
         cls, model_dir: str | os.PathLike, device: str | None = None, precision: str | None = None
     ) -> Predictor:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         model, card = load_model_dir(model_dir, dev)
         return cls(model, card, dev, precision or card.precision)
 
@@ -281,12 +323,30 @@ class Predictor:
     @torch.inference_mode()
     def predict_batch(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, S, S) -> probabilities (N, classes), float32: softmax, or sigmoid for multi-label."""
-        x = torch.as_tensor(batch).to(self.device, non_blocking=True)
-        x = normalize(x, self.card.preprocess)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self.model(x).float()
+        # uint8 crosses to the device (4x fewer bytes than float); normalisation runs there
+        x = torch.as_tensor(batch).to(self.device)
+        step = self.max_batch or len(x)
+        logits = torch.cat([self._forward(x[i : i + step]) for i in range(0, len(x), step)])
         probs = logits.sigmoid() if self.card.multilabel else logits.softmax(dim=-1)
         return probs.cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of a uint8 batch. A batch the device has no memory for is split in halves, and the
+        size that fitted caps later batches, so a batch size chosen for another GPU slows down, not fails."""
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                return self.model(normalize(x, self.card.preprocess)).float()
+        except torch.OutOfMemoryError:
+            if len(x) == 1:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(x) + 1) // 2
+        self.max_batch = min(self.max_batch or half, half)
+        logger.warning(
+            "out of memory at a batch of %d images on %s; batches of %d from now on", len(x), self.device, half
+        )
+        return torch.cat([self._forward(x[:half]), self._forward(x[half:])])
 
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:
         """Preprocess and predict a list of images; one result dict per image, in order."""

@@ -25,6 +25,7 @@ from rayimgcls.infer import (
     PoolPlan,
     ResultDirError,
     glob_regex,
+    plan_pool,
     plan_shards,
     run_inference,
     size_pool,
@@ -331,3 +332,33 @@ def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shap
     assert [x["row"] for x in lines] == list(range(2, 1502))
     assert not [f for f in out.iterdir() if "tmp" in f.name]
     assert json.loads((out / MANIFEST).read_text())["complete"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "flags", "expected"),
+    [
+        (4.0, {}, PoolPlan(4, 1.0, 1.0, 4, 1.0)),  # a whole GPU each
+        (4.0, {"gpus_per_actor": 0.5}, PoolPlan(8, 1.0, 0.5, 2, 1.0)),  # two actors share each GPU
+        (0.3, {"gpus_per_actor": 0.1}, PoolPlan(3, 1.0, 0.1, 4, 1.0)),  # 0.3 / 0.1 is 2.999... in floats
+        (3.0, {"gpus_per_actor": 0.1}, PoolPlan(30, 0.25, 0.1, 1, 1.0)),  # many small actors: one thread each
+        (0.5, {"gpus_per_actor": 0.25}, PoolPlan(2, 1.0, 0.25, 8, 1.0)),  # a fractional GPU resource
+    ],
+)
+def test_gpu_pool_plan_for_whole_and_shared_gpus(gpus: float, flags: dict, expected: PoolPlan) -> None:
+    if expected.cpus != 1.0:
+        flags = {**flags, "cpus_per_actor": expected.cpus}
+    cfg = InferConfig(model_dir="m", data_root="d", result_dir="o", use_gpu=True, **flags)
+    assert size_pool(cfg, [8.0, 8.0], gpus=gpus, max_cpus=16.0) == expected
+
+
+def test_gpu_share_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"gpus_per_actor=1.5: allowed 0 < x <= 1"):
+        InferConfig(model_dir="m", data_root="d", result_dir="o", use_gpu=True, gpus_per_actor=1.5)
+    with pytest.raises(ConfigError, match=r"gpus_per_actor=0.5: only with use_gpu"):
+        InferConfig(model_dir="m", data_root="d", result_dir="o", gpus_per_actor=0.5)
+
+
+def test_a_gpu_pool_the_cluster_cannot_hold_is_refused(ray_session) -> None:
+    cfg = InferConfig(model_dir="m", data_root="d", result_dir="o", use_gpu=True, gpus_per_actor=0.5)
+    with pytest.raises(ResourceError, match=r"inference: 0.5 GPU\(s\) requested, the cluster has 0"):
+        plan_pool(cfg)

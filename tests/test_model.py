@@ -18,6 +18,7 @@ from rayimgcls.model import (
     ModelCard,
     ModelError,
     Predictor,
+    bf16_is_native,
     check_model_name,
     create_model,
     load_model_dir,
@@ -26,6 +27,7 @@ from rayimgcls.model import (
     read_card,
     resolve_precision,
     save_model_dir,
+    use_ieee_fp32,
 )
 
 
@@ -146,3 +148,64 @@ def test_auto_precision_is_fp32_or_a_measured_win(model_dir):
 def test_untrained_model_dir_helper(tmp_path):
     card = make_untrained_model_dir(tmp_path / "m", num_classes=2, image_size=IMAGE_SIZE, model_kwargs=TINY_VIT)
     assert read_card(tmp_path / "m").version == card.version and card.class_names == ["0", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU paths that can be checked without a GPU
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"),
+    [((6, 1), False), ((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)],
+)
+def test_auto_precision_takes_bf16_only_where_gpus_have_it_natively(capability, native):
+    # V100 (7.0) and T4 (7.5): torch.cuda.is_bf16_supported() says True there (emulation), bf16 is slower there
+    assert bf16_is_native(capability) is native
+
+
+def test_fp32_on_a_gpu_turns_tf32_off_for_matmuls_and_convolutions():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    assert before[1] == "tf32"  # torch's default: cuDNN convolutions (ViT's patch embedding) in TF32
+    try:
+        use_ieee_fp32()
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_a_cuda_device_that_is_not_there_is_refused_with_the_reason(model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelError, match=r"device 'cuda': no CUDA device is visible \(torch "):
+        Predictor.from_dir(model_dir, device="cuda")
+
+
+class RefusesLargeBatches(torch.nn.Module):
+    """The real model, but a batch above `limit` images fails the way a full GPU fails."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({len(x)} images)")
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_later_batches_stay_small(model_dir):
+    model, card = load_model_dir(model_dir)
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    whole = Predictor(model, card, torch.device("cpu"), "fp32").predict_batch(images)
+    limited = RefusesLargeBatches(model, limit=3)
+    predictor = Predictor(limited, card, torch.device("cpu"), "fp32")
+    np.testing.assert_allclose(predictor.predict_batch(images), whole, atol=1e-6)
+    assert max(limited.sizes) <= 3 and sum(limited.sizes) == 10
+    assert predictor.max_batch == 3
+    limited.sizes.clear()
+    predictor.predict_batch(images)
+    assert limited.sizes == [3, 3, 3, 1]  # no second failure: the size that fitted caps the batches
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: nothing left to split
+        Predictor(RefusesLargeBatches(model, limit=0), card, torch.device("cpu"), "fp32").predict_batch(images[:1])
