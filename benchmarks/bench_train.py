@@ -3,7 +3,7 @@
 1. Loop overhead. The same model, batch and in-memory uint8 data, the same explicit torch thread count on
    both sides (Ray would otherwise set OMP_NUM_THREADS from the worker's CPU reservation):
    - plain: a single-process loop (normalise, forward, backward, AdamW, OneCycleLR), timed after warm-up;
-   - Ray Train: rayimgcls's own worker loop (`train_worker.train_loop`) in one TorchTrainer worker, fed the
+   - Ray Train: rayimgcls's own worker loop (`train.loop.train_loop`) in one TorchTrainer worker, fed the
      same arrays as a materialised Ray Dataset; its images/s comes from metrics.jsonl, first epoch excluded.
 2. Data wait. A real `rayimgcls train` run reading JPEGs through the Ray Data decode pipeline: the share of
    step time spent waiting for the next batch (metrics.jsonl `data_wait`), first epoch excluded.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -31,7 +30,8 @@ import torch
 from rayimgcls.config import TrainConfig
 from rayimgcls.images import PreprocessConfig, normalize
 from rayimgcls.model import create_model
-from rayimgcls.train_worker import METRICS_FILE, LoopContext, build_optimizer, train_loop
+from rayimgcls.rundir import RunDir
+from rayimgcls.train.loop import LoopContext, build_optimizer, train_loop
 
 
 def parse_args() -> argparse.Namespace:
@@ -120,11 +120,7 @@ def ray_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, s
         run_config=RunConfig(name=cfg.run_name, storage_path=storage),
         datasets={"train": data},
     ).fit()
-    return steady(read_metrics(ctx.run_dir), "images_per_s")
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
+    return steady(RunDir(ctx.run_dir).read_metrics(), "images_per_s")
 
 
 def data_wait(args: argparse.Namespace, root: str, storage: str, run: int) -> tuple[float, float]:
@@ -132,7 +128,7 @@ def data_wait(args: argparse.Namespace, root: str, storage: str, run: int) -> tu
     from rayimgcls.train import run as train
 
     summary = train(config(args, root, storage, f"pipeline-{run}", 3))
-    lines = read_metrics(os.path.join(storage, summary["run_name"]))
+    lines = RunDir(os.path.join(storage, summary["run_name"])).read_metrics()
     return steady(lines, "data_wait"), steady(lines, "images_per_s")
 
 

@@ -21,10 +21,12 @@ from rayimgcls.config import ConfigError, TrainConfig
 from rayimgcls.dataset import DatasetError
 from rayimgcls.demo import DEMO_RECIPE, demo_train_config
 from rayimgcls.model import ModelError, create_model, load_model_dir, read_card
+from rayimgcls.rundir import load_checkpoint_weights, load_train_state
 from rayimgcls.runtime import ResourceError
 from rayimgcls.synth import SynthConfig, make_dataset
-from rayimgcls.train import TrainingError, check_cluster, prepare_data, resolve_model, run, steps_per_epoch
-from rayimgcls.train_worker import build_optimizer, load_checkpoint_weights, load_train_state, load_transfer_weights
+from rayimgcls.train import TrainingError, run
+from rayimgcls.train.driver import check_cluster, prepare_data, resolve_model, steps_per_epoch
+from rayimgcls.train.loop import build_optimizer, load_transfer_weights
 
 pytestmark = pytest.mark.slow
 
