@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from rayimgcls.rundir import (
     load_train_state,
     save_checkpoint,
 )
-from rayimgcls.train.tracking import Trackers, say
+from rayimgcls.train.tracking import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class LoopContext:
     has_validation: bool
     pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
     mlflow_run_id: str | None = None  # the MLflow run the driver opened, when tracking there
+
+
+def say(message: str) -> None:
+    """One line to the driver's console. Ray Train patches print() into its logger, which the driver shows
+    twice; the worker's raw stdout is forwarded once."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -126,11 +125,19 @@ class MlflowLog:
 
         self.client, self.run_id, self.broken = MlflowClient(tracking_uri), run_id, False
         # A crashed attempt may have logged past its checkpoint: those steps are on the server already.
-        self.logged = {kind: self._last_step(tag) for kind, tag in (("step", "train/loss"), ("epoch", "val/loss"))}
-        self.logged["epoch"] = max(self.logged["epoch"], self._last_step("train/epoch_loss"))
+        self.logged = {"step": 0, "epoch": 0}
+        try:
+            self.logged = {kind: self._last_step(tag) for kind, tag in (("step", "train/loss"), ("epoch", "val/loss"))}
+            self.logged["epoch"] = max(self.logged["epoch"], self._last_step("train/epoch_loss"))
+        except Exception as e:  # noqa: BLE001 - see log()
+            self._stop(e)
 
     def _last_step(self, tag: str) -> int:
         return max((m.step for m in self.client.get_metric_history(self.run_id, tag)), default=0)
+
+    def _stop(self, error: Exception) -> None:
+        self.broken = True
+        logger.warning("MLflow logging stopped (%s: %s); metrics.jsonl has every line", type(error).__name__, error)
 
     def log(self, line: dict) -> None:
         from mlflow.entities import Metric
@@ -142,8 +149,7 @@ class MlflowLog:
         try:
             self.client.log_batch(self.run_id, metrics=metrics)
         except Exception as e:  # noqa: BLE001 - the server went away: keep training, say so once
-            self.broken = True
-            say(f"warning: MLflow logging stopped ({type(e).__name__}: {e}); metrics.jsonl has every line")
+            self._stop(e)
 
     def flush(self) -> None:
         pass
@@ -188,12 +194,6 @@ class Trackers:
     def close(self) -> None:
         for t in self.trackers:
             t.close()
-
-
-def say(message: str) -> None:
-    """One line to the driver's console (Ray Train's print() patch would show it twice)."""
-    sys.__stdout__.write(message + "\n")
-    sys.__stdout__.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------
