@@ -144,3 +144,29 @@ def test_a_missing_mlflow_extra_is_a_clear_message(data_root, tmp_path):
 def test_register_model_needs_a_tracking_uri(data_root):
     with pytest.raises(ConfigError, match="register_model='m': needs mlflow_tracking_uri"):
         TrainConfig(data_root=str(data_root), register_model="m")
+
+
+def test_tensorboard_on_s3_is_uploaded_each_epoch_and_rewritten_on_resume(s3, tmp_path):
+    """The object-storage path of TensorBoardLog (written locally, uploaded at flush) with a real S3 server: a
+    resume that replays the kept lines leaves one event file with each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rayimgcls.rundir import RunDir
+    from rayimgcls.train.tracking import TensorBoardLog
+
+    run = RunDir(s3.uri("tb", "run"))
+    lines = [{"type": "step", "epoch": 1, "step": s, "loss": 1.0 / s, "time": 1000.0 + s} for s in range(1, 7)]
+    first = TensorBoardLog(run)
+    for line in lines:
+        first.log(line)
+    first.flush()  # an epoch end; then the attempt dies without close()
+    assert len(s3.keys("tb", "run", "tensorboard")) == 1
+    second = TensorBoardLog(run)  # the resumed attempt: kept steps 1..3, then trains 4..6 again
+    for line in lines:
+        second.log(line)
+    second.close()
+    (name,) = s3.keys("tb", "run", "tensorboard")
+    (tmp_path / name).write_bytes(s3.filesystem().open_input_file(f"{run.path[5:]}/tensorboard/{name}").read())
+    events = EventAccumulator(str(tmp_path), purge_orphaned_data=False)
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 STEP_KEYS = ("loss", "lr", "images_per_s", "data_wait")
 NOT_METRICS = ("type", "epoch", "step", "time")
 CHECK_TIMEOUT_S = 10
+FLUSH_S = 5.0  # a local event file is flushed at most this often (and at every epoch end)
 
 
 def scalars(line: dict) -> dict[str, float]:
@@ -65,40 +67,54 @@ def hparams(cfg: TrainConfig) -> dict[str, bool | int | float | str]:
 
 
 class TensorBoardLog:
-    """Event files in <run>/tensorboard/. On object storage they are written to a local folder and uploaded
-    at every epoch end (TensorBoard reads s3:// logdirs only through extra plugins, and cannot append there)."""
+    """Event files in <run>/tensorboard/, written synchronously (tensorboardX's SummaryWriter queues events to a
+    thread, and its flush() does not wait for them: an upload or a crash right after would lose the tail). On
+    object storage they are written to a local folder and uploaded at every epoch end (TensorBoard reads s3://
+    logdirs only through extra plugins, and an object cannot be appended to)."""
 
     def __init__(self, run: RunDir) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         self.remote = run.file(TENSORBOARD_DIR)
         for name in storage.list_files(self.remote):  # an earlier attempt's log: rewritten from metrics.jsonl
             storage.delete_file(storage.join(self.remote, name))
         self.local = tempfile.mkdtemp(prefix="rayimgcls-tb-") if storage.is_uri(self.remote) else self.remote
         os.makedirs(self.local, exist_ok=True)
-        self.writer = SummaryWriter(self.local, flush_secs=10, filename_suffix=".rayimgcls")
+        self.writer = EventsWriter(os.path.join(self.local, "events"), ".rayimgcls")
+        self.last_flush = time.monotonic()
+
+    def _write(self, summary: Any, step: int, wall_time: float | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.writer.write_event(Event(wall_time=wall_time or time.time(), step=step, summary=summary))
 
     def log(self, line: dict) -> None:
+        from tensorboardX.summary import scalar
+
         for tag, value in scalars(line).items():
-            self.writer.add_scalar(tag, value, line["step"], walltime=line.get("time"))
+            self._write(scalar(tag, value), line["step"], line.get("time"))
+        if self.local == self.remote and time.monotonic() - self.last_flush > FLUSH_S:
+            self.flush()  # a local TensorBoard sees new steps within seconds
 
     def flush(self) -> None:
         self.writer.flush()
+        self.last_flush = time.monotonic()
         if self.local != self.remote:
             for name in os.listdir(self.local):
                 with open(os.path.join(self.local, name), "rb") as f:
                     storage.write_bytes(storage.join(self.remote, name), f.read())
 
     def finish(self, line: dict, cfg: TrainConfig, class_names: list[str], confusion: np.ndarray | None) -> None:
-        """The confusion matrix as an image and the hyperparameters with the final metrics (the HPARAMS tab)."""
+        """The confusion matrix as an image and the hyperparameters with the final metrics (the HPARAMS tab),
+        in the same file as the scalars, so that the HPARAMS metrics resolve."""
         from tensorboardX.summary import hparams as hparams_summaries
+        from tensorboardX.summary import image
 
         if confusion is not None:
-            image = confusion_image(class_names, confusion)
-            self.writer.add_image("val/confusion_matrix", image, line["step"], dataformats="HWC")
-        file_writer = self.writer._get_file_writer()  # the same file as the scalars, so the metrics resolve
+            picture = confusion_image(class_names, confusion)
+            self._write(image("val/confusion_matrix", picture, dataformats="HWC"), line["step"])
         for summary in hparams_summaries(hparams(cfg), scalars(line)):
-            file_writer.add_summary(summary, line["step"])
+            self._write(summary, line["step"])
         self.flush()
 
     def close(self) -> None:
