@@ -3,12 +3,15 @@
 1. Loop overhead. The same model, batch and in-memory uint8 data, the same explicit torch thread count on
    both sides (Ray would otherwise set OMP_NUM_THREADS from the worker's CPU reservation):
    - plain: a single-process loop (normalise, forward, backward, AdamW, OneCycleLR), timed after warm-up;
-   - Ray Train: rayimgcls's own worker loop (`train_worker.train_loop`) in one TorchTrainer worker, fed the
+   - Ray Train: rayimgcls's own worker loop (`train.loop.train_loop`) in one TorchTrainer worker, fed the
      same arrays as a materialised Ray Dataset; its images/s comes from metrics.jsonl, first epoch excluded.
+     TensorBoard is on, as by default.
+   - the same Ray Train loop with --no-tensorboard: what tracking costs, as the extra share of step time
+     (images/s without / images/s with - 1).
 2. Data wait. A real `rayimgcls train` run reading JPEGs through the Ray Data decode pipeline: the share of
    step time spent waiting for the next batch (metrics.jsonl `data_wait`), first epoch excluded.
 
-Both are the median of --runs runs. The defaults take ~10 minutes on 2 cores.
+All are the median of --runs runs, interleaved. The defaults take ~14 minutes on 2 cores.
 
     python benchmarks/bench_train.py
     python benchmarks/bench_train.py --runs 1 --steps 10     # a quick look
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -31,7 +33,8 @@ import torch
 from rayimgcls.config import TrainConfig
 from rayimgcls.images import PreprocessConfig, normalize
 from rayimgcls.model import create_model
-from rayimgcls.train_worker import METRICS_FILE, LoopContext, build_optimizer, train_loop
+from rayimgcls.rundir import RunDir
+from rayimgcls.train.loop import LoopContext, build_optimizer, train_loop
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,14 +96,16 @@ def steady(lines: list[dict], key: str) -> float:
     return float(np.mean(values))
 
 
-def ray_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, storage: str, run: int) -> float:
+def ray_loop(
+    args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, storage: str, name: str, tensorboard: bool
+) -> float:
     """Images/s of rayimgcls's worker loop in one Ray Train worker on the same in-memory data."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     n = args.steps * args.batch_size
-    cfg = config(args, "in-memory", storage, f"loop-{run}", 3)
+    cfg = dataclasses.replace(config(args, "in-memory", storage, name, 3), tensorboard=tensorboard)
     data = ray.data.from_items([{"image": images[i], "label": labels[i]} for i in range(n)]).materialize()
     model, kwargs = create_model(args.model, 10, args.image_size)
     ctx = LoopContext(
@@ -120,11 +125,7 @@ def ray_loop(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, s
         run_config=RunConfig(name=cfg.run_name, storage_path=storage),
         datasets={"train": data},
     ).fit()
-    return steady(read_metrics(ctx.run_dir), "images_per_s")
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
+    return steady(RunDir(ctx.run_dir).read_metrics(), "images_per_s")
 
 
 def data_wait(args: argparse.Namespace, root: str, storage: str, run: int) -> tuple[float, float]:
@@ -132,7 +133,7 @@ def data_wait(args: argparse.Namespace, root: str, storage: str, run: int) -> tu
     from rayimgcls.train import run as train
 
     summary = train(config(args, root, storage, f"pipeline-{run}", 3))
-    lines = read_metrics(os.path.join(storage, summary["run_name"]))
+    lines = RunDir(os.path.join(storage, summary["run_name"])).read_metrics()
     return steady(lines, "data_wait"), steady(lines, "images_per_s")
 
 
@@ -158,31 +159,36 @@ def main() -> None:
     images = rng.integers(0, 256, (n, 3, args.image_size, args.image_size), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
     root = photo_dataset(args, args.steps * args.batch_size)
-    plain, looped, waits, piped = [], [], [], []
+    plain, looped, untracked, waits, piped = [], [], [], [], []
     with tempfile.TemporaryDirectory(dir=args.workdir) as storage:
         for run in range(args.runs):  # interleaved, so drifting load hits both sides alike
             plain.append(plain_loop(args, images, labels))
-            looped.append(ray_loop(args, images, labels, storage, run))
+            looped.append(ray_loop(args, images, labels, storage, f"loop-{run}", tensorboard=True))
+            untracked.append(ray_loop(args, images, labels, storage, f"untracked-{run}", tensorboard=False))
             wait, rate = data_wait(args, root, storage, run)
             waits.append(wait)
             piped.append(rate)
             print(
-                f"run {run + 1}: plain {plain[-1]:.1f} img/s, Ray Train loop {looped[-1]:.1f} img/s, "
+                f"run {run + 1}: plain {plain[-1]:.1f} img/s, Ray Train loop {looped[-1]:.1f} img/s "
+                f"({untracked[-1]:.1f} without TensorBoard), "
                 f"Ray Data pipeline {piped[-1]:.1f} img/s waiting {100 * wait:.1f}% of the time",
                 flush=True,
             )
     ray.shutdown()
     p, r, w = statistics.median(plain), statistics.median(looped), statistics.median(waits)
+    u = statistics.median(untracked)
     print(
         f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.threads} torch thread(s), "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"median: plain loop {p:.1f} img/s, Ray Train loop {r:.1f} img/s ({r / p:.3f}x); "
+        f"median: plain loop {p:.1f} img/s, Ray Train loop {r:.1f} img/s ({r / p:.3f}x; {u:.1f} without "
+        f"TensorBoard); "
         f"fed by Ray Data from JPEGs: {statistics.median(piped):.1f} img/s, waiting {100 * w:.1f}% of step time"
     )
     print(f"RESULT train_loop_vs_plain ratio={r / p:.3f} target=0.9")
     print(f"RESULT train_data_wait ratio={w:.4f} target=<0.05")
+    print(f"RESULT train_tensorboard_overhead ratio={u / r - 1:.4f} target=<0.02")
 
 
 if __name__ == "__main__":

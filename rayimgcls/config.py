@@ -81,10 +81,28 @@ class TrainConfig:
     max_failures: int = opt(0, "Worker failures tolerated; each restarts from the last checkpoint.")
     seed: int = opt(0, "Random seed.")
     skip_bad_rows: bool = opt(False, "Skip unreadable rows, recorded in skipped_rows.csv (default: fail).")
+    # --- tracking ---
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <run>/tensorboard (--no-tensorboard: off).")
+    mlflow_tracking_uri: str | None = opt(
+        None, "Also log to this MLflow tracking server (http://host:5000); needs pip install rayimgcls[mlflow]."
+    )
+    mlflow_experiment: str = opt("rayimgcls", "MLflow experiment the run goes to (with --mlflow-tracking-uri).")
+    register_model: str | None = opt(None, "Register the exported model under this name in MLflow's registry.")
 
     # Fields that may change between a run and its resumption: they do not change what is computed.
     RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
-        {"num_epochs", "max_failures", "output_dir", "logging_steps", "run_name", "storage_path"}
+        {
+            "num_epochs",
+            "max_failures",
+            "output_dir",
+            "logging_steps",
+            "run_name",
+            "storage_path",
+            "tensorboard",
+            "mlflow_tracking_uri",
+            "mlflow_experiment",
+            "register_model",
+        }
     )
 
     def __post_init__(self) -> None:
@@ -135,6 +153,8 @@ class TrainConfig:
             errors.append(f"batch_size={self.batch_size}: must divide evenly by num_workers={self.num_workers}")
         if not self.data_root:
             errors.append("data_root: required (the folder or URI holding labels.csv)")
+        if self.register_model is not None and not self.mlflow_tracking_uri:
+            errors.append(f"register_model={self.register_model!r}: needs mlflow_tracking_uri (the registry)")
         if self.multilabel and (self.mixup or self.cutmix):
             errors.append("mixup/cutmix: not supported with multilabel (they mix single-class targets)")
         _raise_if(errors, "training")

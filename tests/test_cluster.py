@@ -545,6 +545,7 @@ def test_multi_node_training_inference_and_serving_with_everything_on_s3(cluster
         "model/model.safetensors",
         "model/config.json",
     } <= set(run_files)
+    assert len([f for f in run_files if f.startswith("tensorboard/")]) == 1  # the resume rewrote it, on S3
     assert {f.split("/")[0] for f in run_files if f.startswith("checkpoint_epoch_")} == {
         "checkpoint_epoch_0001",
         "checkpoint_epoch_0002",
@@ -636,7 +637,7 @@ def query_deployed_app(url: str, image: bytes) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_job_scripts_submit_training_and_inference_with_token_auth(cluster, s3_server, s3_data) -> None:
+def test_job_scripts_submit_training_and_inference_with_token_auth(cluster, s3_server, s3_data, tmp_path) -> None:
     s3 = s3_server
     client = {"RAY_ADDRESS": cluster.dashboard}  # and no RAY_AUTH_MODE: the scripts must set it
     env = {**base_env(cluster.home), **s3.env, **client}
@@ -703,3 +704,21 @@ def test_job_scripts_submit_training_and_inference_with_token_auth(cluster, s3_s
     assert infer.returncode == 0, infer.stdout[-4000:] + infer.stderr[-4000:]
     assert "predictions-00000.jsonl" in s3.keys("cluster", "job-preds")
     assert "model/model.safetensors" in s3.keys("cluster", "job-runs", "job")
+    assert_tensorboard_matches_metrics(s3, "cluster/job-runs/job", tmp_path)
+
+
+def assert_tensorboard_matches_metrics(s3: S3Server, run: str, tmp_path: Path) -> None:
+    """The submitted job's TensorBoard log (written by rank 0 on a worker node, uploaded to S3) read back with
+    TensorBoard's own reader: the loss of every logged step of metrics.jsonl, once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (name,) = [k for k in s3.keys(*run.split("/")) if k.startswith("tensorboard/")]
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_bytes(read_bytes(s3, f"{run}/{name}"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=False)
+    events.Reload()
+    steps = [json.loads(x) for x in read(s3, f"{run}/metrics.jsonl").splitlines()]
+    expected = [m for m in steps if m["type"] == "step"]
+    got = events.Scalars("train/loss")
+    assert [e.step for e in got] == [m["step"] for m in expected]
+    assert [e.value for e in got] == pytest.approx([m["loss"] for m in expected], rel=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,12 @@ from rayimgcls.config import ConfigError, TrainConfig
 from rayimgcls.dataset import DatasetError
 from rayimgcls.demo import DEMO_RECIPE, demo_train_config
 from rayimgcls.model import ModelError, create_model, load_model_dir, read_card
+from rayimgcls.rundir import load_checkpoint_weights, load_train_state
 from rayimgcls.runtime import ResourceError
 from rayimgcls.synth import SynthConfig, make_dataset
-from rayimgcls.train import TrainingError, check_cluster, prepare_data, resolve_model, run, steps_per_epoch
-from rayimgcls.train_worker import build_optimizer, load_checkpoint_weights, load_train_state, load_transfer_weights
+from rayimgcls.train import TrainingError, run
+from rayimgcls.train.driver import check_cluster, prepare_data, resolve_model, steps_per_epoch
+from rayimgcls.train.loop import build_optimizer, load_transfer_weights
 
 pytestmark = pytest.mark.slow
 
@@ -155,16 +158,9 @@ def wait_for_checkpoint(cfg: TrainConfig, epoch: int, timeout: float = 240) -> N
     raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
 
 
-@pytest.mark.timeout(600)
-def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
-    cfg = tiny_config(small_root, tmp_path, "resume", num_epochs=4)
-    address = ray_session.get_runtime_context().gcs_address
-    args = [
-        sys.executable,
-        "-m",
-        "rayimgcls.train",
-        "--address",
-        address,
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The flags that give `cfg` (a tiny_config with the overrides the resume fixture uses) on the command line."""
+    return [
         "--data-root",
         cfg.data_root,
         "--storage-path",
@@ -180,7 +176,7 @@ def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
         "--batch-size",
         "16",
         "--num-epochs",
-        "4",
+        str(cfg.num_epochs),
         "--logging-steps",
         "1",
         "--learning-rate",
@@ -196,20 +192,48 @@ def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
         "fp32",
         "--torch-threads",
         "1",
+        "--skip-bad-rows",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+FORMULA_PATH = "=HYPERLINK(1)+2.png"  # a missing image whose path a spreadsheet would run as a formula
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_session, small_root, tmp_path_factory):
+    """A run started by `python -m rayimgcls.train`, SIGKILLed after its second checkpoint and resumed to the end:
+    (config, summary, the CLI flags). Its data (a copy: tests below change it) has one missing validation image."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("resume") / "data"
+    shutil.copytree(small_root, root)
+    with (root / "labels.csv").open("a") as f:
+        f.write(f"{FORMULA_PATH},1,validation,\n")
+    cfg = tiny_config(root, tmp_path_factory.mktemp("runs"), "resume", num_epochs=4, skip_bad_rows=True)
+    args = cli_args(cfg)
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayimgcls.train", "--address", address, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_checkpoint(cfg, 2)
     finally:
         proc.send_signal(signal.SIGKILL)  # a crash, not a clean stop
         proc.wait(timeout=60)
-    summary = run(cfg)
+    return cfg, run(cfg), args
 
+
+@pytest.mark.timeout(600)
+def test_resume_after_a_killed_run_is_exact(resumed):
+    cfg, summary, _ = resumed
     steps_per_epoch = steps_per_epoch_of(cfg)
     total = cfg.num_epochs * steps_per_epoch
     lines = metrics_lines(cfg)
-    resumed = [x for x in lines if x["type"] == "resume"]
-    assert resumed and resumed[-1]["epoch"] >= 2 and resumed[-1]["step"] == resumed[-1]["epoch"] * steps_per_epoch
+    resumed_at = [x for x in lines if x["type"] == "resume"]
+    assert resumed_at and resumed_at[-1]["epoch"] >= 2
+    assert resumed_at[-1]["step"] == resumed_at[-1]["epoch"] * steps_per_epoch
     steps = [x for x in lines if x["type"] == "step"]
     assert [x["step"] for x in steps] == list(range(1, total + 1))  # cut back to the checkpoint, no gap
     optimizer, schedule = build_optimizer(torch.nn.Linear(1, 1), cfg, total)
@@ -223,6 +247,83 @@ def test_resume_after_a_killed_run_is_exact(ray_session, small_root, tmp_path):
     assert state["global_step"] == total == summary["steps"]
     assert state["scheduler"]["last_epoch"] == total
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {total}
+
+
+def test_tensorboard_holds_metrics_jsonl_once_in_order_after_the_resume(resumed):
+    """TensorBoard's own reader, with purging off (so a duplicate or backwards step would show), against
+    metrics.jsonl; the last epoch adds the confusion matrix and the hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, _ = resumed
+    logdir = run_dir(cfg) / "tensorboard"
+    assert len(list(logdir.iterdir())) == 1  # the resume rewrote the log rather than adding a second one
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0}, purge_orphaned_data=False)
+    events.Reload()
+    lines = metrics_lines(cfg)
+    steps = [x for x in lines if x["type"] == "step"]
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    for tag, key, source in [
+        ("train/loss", "loss", steps),
+        ("train/lr", "lr", steps),
+        ("train/images_per_s", "images_per_s", steps),
+        ("train/data_wait", "data_wait", steps),
+        ("train/epoch_loss", "train_loss", epochs),
+        ("val/loss", "val_loss", epochs),
+        ("val/top1", "top1", epochs),
+        ("val/macro_f1", "macro_f1", epochs),
+    ]:
+        got = events.Scalars(tag)
+        assert [e.step for e in got] == [x["step"] for x in source], tag
+        np.testing.assert_allclose([e.value for e in got], [x[key] for x in source], rtol=1e-6, err_msg=tag)
+        np.testing.assert_allclose([e.wall_time for e in got], [x["time"] for x in source], rtol=1e-9)
+    (image,) = events.Images("val/confusion_matrix")
+    assert image.step == epochs[-1]["step"] and image.width > 100
+    assert set(events.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+
+
+def test_skipped_rows_csv_is_safe_to_open_in_a_spreadsheet(resumed):
+    cfg, summary, _ = resumed
+    import csv
+
+    rows = list(csv.DictReader((run_dir(cfg) / "skipped_rows.csv").open()))
+    assert summary["skipped_rows"] == 1 and len(rows) == 1
+    assert rows[0]["image_path"] == "'" + FORMULA_PATH and rows[0]["line"] == "98"
+    assert rows[0]["reason"].startswith("missing_file: ")
+
+
+def test_resume_refuses_fewer_epochs_than_done(resumed):
+    from typer.testing import CliRunner
+
+    from rayimgcls.cli import app
+
+    cfg, _, args = resumed
+    fewer = [*args, "--num-epochs", "2"]  # the later flag wins
+    result = CliRunner().invoke(app, ["train", *fewer])
+    assert result.exit_code == 2, result.output
+    assert "num_epochs=2: run 'resume' has completed 4 epochs already" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_refuses_changed_data_with_the_difference(resumed):
+    from typer.testing import CliRunner
+
+    from rayimgcls.cli import app
+
+    cfg, _, args = resumed
+    labels = Path(cfg.data_root) / "labels.csv"
+    original = labels.read_bytes()
+    labels.write_bytes(original + original.splitlines(keepends=True)[1])  # one row more
+    try:
+        result = CliRunner().invoke(app, ["train", *args, "--num-epochs", "5"])
+    finally:
+        labels.write_bytes(original)
+    assert result.exit_code == 2, result.output
+    assert "was trained on other data" in result.output
+    assert re.search(r"labels\.csv: [0-9a-f]{12} -> [0-9a-f]{12}", result.output), result.output
 
 
 @pytest.mark.timeout(600)

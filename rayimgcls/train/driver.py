@@ -1,29 +1,24 @@
-"""Data-parallel training on Ray Train: `python -m rayimgcls.train` and `rayimgcls train`.
+"""The training driver: what `rayimgcls train` and `python -m rayimgcls.train` run.
 
-The driver checks everything it can before starting Ray (configuration, model name, the CSV, resuming),
-refuses resources the cluster can never give, starts a TorchTrainer whose workers run
-`train_worker.train_loop`, and finally exports the best checkpoint as a model directory. A run lives in
-<storage_path>/<run_name>/: Ray Train's checkpoints, config.yaml, metrics.jsonl, workers.json, curves.png,
-summary.json and, when rows were skipped, skipped_rows.csv. Re-running with the same name resumes.
+It checks everything it can before starting Ray (configuration, model name, the CSV, resuming, the tracking
+server), refuses resources the cluster can never give, starts a TorchTrainer whose workers run
+`loop.train_loop`, and finally exports the best checkpoint as a model directory. A run lives in
+<storage_path>/<run_name>/ (see rayimgcls.rundir); re-running with the same name resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import yaml
 
 from rayimgcls import storage
-from rayimgcls.config import ConfigError, TrainConfig, diff, to_yaml
+from rayimgcls.config import ConfigError, TrainConfig, diff
 from rayimgcls.dataset import (
     LABELS_CSV,
     ClassInfo,
@@ -34,22 +29,29 @@ from rayimgcls.dataset import (
     resolve_classes,
 )
 from rayimgcls.images import Augment, PreprocessConfig
-from rayimgcls.model import ModelCard, ModelError, check_model_name, create_model, load_weights, save_model_dir
-from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
-from rayimgcls.train_worker import (
-    METRICS_FILE,
-    LoopContext,
+from rayimgcls.model import (
+    ModelCard,
+    ModelError,
+    check_model_name,
+    create_model,
+    load_weights,
+    read_card,
+    save_model_dir,
+)
+from rayimgcls.rundir import (
+    MODEL_DIR,
+    RunDir,
+    data_fingerprint,
     load_checkpoint_weights,
     load_train_state,
-    train_loop,
+    summary_table,
 )
+from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
+from rayimgcls.train import tracking
+from rayimgcls.train.loop import LoopContext, train_loop
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-SKIPPED_FILE = "skipped_rows.csv"
-CURVES_FILE = "curves.png"
 CACHE_VALIDATION_BYTES = 1 << 30  # decoded validation subsets up to 1 GiB stay in the object store
 
 
@@ -69,28 +71,28 @@ def default_run_name() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def run_dir(cfg: TrainConfig) -> str:
-    return storage.join(cfg.storage_path, cfg.run_name or "")
-
-
 def check_resume(cfg: TrainConfig) -> str:
-    """'new', 'resume' or 'complete'. A run name that exists with other settings is refused, showing the
-    differences (only num_epochs, max_failures and where the model goes may change)."""
-    path = storage.join(run_dir(cfg), CONFIG_FILE)
-    if not storage.exists(path):
+    """'new', 'resume' or 'complete'. A run name that exists with other settings or other data is refused,
+    showing the differences (num_epochs may grow, and where the model goes and how it is tracked may change)."""
+    run = RunDir.of(cfg)
+    if not run.exists():
         return "new"
-    stored = yaml.safe_load(storage.read_text(path))
-    changes = diff(stored, cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
+    changes = diff(run.read_config(), cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
     if changes:
         raise ConfigError(
             f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
             "--run-name, or the same settings to resume. Differences:\n  " + "\n  ".join(changes)
         )
-    summary_path = storage.join(run_dir(cfg), SUMMARY_FILE)
-    if storage.exists(summary_path):
-        summary = json.loads(storage.read_text(summary_path))
-        if summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
-            return "complete"
+    run.check_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained))
+    done = run.completed_epochs()
+    if cfg.num_epochs < done:
+        raise ConfigError(
+            f"num_epochs={cfg.num_epochs}: run {cfg.run_name!r} has completed {done} epochs already; give "
+            f"--num-epochs {done} (exports the finished run again) or more (trains on), or a new --run-name"
+        )
+    summary = run.read_summary()
+    if summary and summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
+        return "complete"
     return "resume"
 
 
@@ -155,14 +157,8 @@ def record_skipped(cfg: TrainConfig, data: PreparedData) -> None:
     data.train = data.train[~data.train["row"].isin(bad)]
     data.validation = data.validation[~data.validation["row"].isin(bad)]
     if data.skipped:
-        table = pd.DataFrame(
-            [
-                {"line": p.line, "image_path": p.path or "", "reason": f"{p.code}: {p.message}"}
-                for p in sorted(data.skipped, key=lambda p: p.line or 0)
-            ]
-        )
-        storage.write_text(storage.join(run_dir(cfg), SKIPPED_FILE), table.to_csv(index=False))
-        logger.warning("skipped %d bad row(s); see %s", len(table), storage.join(run_dir(cfg), SKIPPED_FILE))
+        path = RunDir.of(cfg).write_skipped(data.skipped)
+        logger.warning("skipped %d bad row(s); see %s", len(data.skipped), path)
 
 
 def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessConfig]:
@@ -197,7 +193,14 @@ def pretrained_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
         ) from None
 
 
-def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, cpus: float):
+def build_trainer(
+    cfg: TrainConfig,
+    data: PreparedData,
+    model_kwargs: dict,
+    pre: PreprocessConfig,
+    cpus: float,
+    mlflow_run_id: str | None = None,
+):
     import ray
     from ray.data import DataContext
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -228,9 +231,10 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre:
         preprocess=pre.to_dict(),
         model_kwargs=model_kwargs,
         steps_per_epoch=steps_per_epoch(cfg, len(data.train)),
-        run_dir=run_dir(cfg),
+        run_dir=RunDir.of(cfg).path,
         has_validation=bool(len(data.validation)),
         pretrained_state=ray.put(state) if state is not None else None,
+        mlflow_run_id=mlflow_run_id,
     )
     metric = cfg.metric if len(data.validation) else None
     storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
@@ -315,7 +319,7 @@ def export(
     summary: dict,
 ) -> str:
     """Write the best checkpoint as the model directory (DESIGN §4)."""
-    out = cfg.output_dir or storage.join(run_dir(cfg), "model")
+    out = cfg.output_dir or RunDir.of(cfg).file(MODEL_DIR)
     with checkpoint.as_directory() as d:
         weights = load_checkpoint_weights(d)
         epoch = load_train_state(d)["epoch"]
@@ -345,46 +349,59 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
     if state == "complete":
         return reexport(cfg, data, model_kwargs, pre)
+    if cfg.mlflow_tracking_uri:  # seconds now, rather than an exception after the first epoch
+        tracking.check_driver(cfg.mlflow_tracking_uri)
     init_ray(address)
     cpus = worker_cpus(cfg)
     check_cluster(cfg, cpus)
+    if cfg.mlflow_tracking_uri:
+        tracking.check_nodes(cfg.mlflow_tracking_uri)
+    run_dir = RunDir.of(cfg)
     if state == "new":
-        storage.makedirs(run_dir(cfg))
-        storage.write_text(storage.join(run_dir(cfg), CONFIG_FILE), to_yaml(cfg))
+        run_dir.write_config(cfg)
+        run_dir.write_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained))
     if cfg.skip_bad_rows:
         record_skipped(cfg, data)
     if state == "resume":
-        print(f"resuming run {cfg.run_name} from {run_dir(cfg)}", flush=True)
-    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus)
+        print(f"resuming run {cfg.run_name} from {run_dir.path}", flush=True)
+    mlflow_run = tracking.MlflowRun.start(cfg, run_dir) if cfg.mlflow_tracking_uri else None
+    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, mlflow_run.run_id if mlflow_run else None)
     started = time.time()
     try:
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the readable part
-        raise TrainingError(f"training failed: {failure_message(e)}") from e
-    if result.error is not None:
-        raise TrainingError(f"training failed: {failure_message(result.error)}")
-    return finish(cfg, data, model_kwargs, pre, started, result)
+        if result.error is not None:
+            raise TrainingError(f"training failed: {failure_message(result.error)}")
+    except Exception as e:
+        if mlflow_run:
+            mlflow_run.failed()
+        if isinstance(e, TrainingError):
+            raise
+        raise TrainingError(f"training failed: {failure_message(e)}") from e  # Ray wraps worker errors
+    summary = finish(cfg, data, model_kwargs, pre, started, result)
+    if mlflow_run:
+        mlflow_run.finish(run_dir, summary["model_dir"], read_card(summary["model_dir"]).version)
+    return summary
 
 
 def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
     """A finished run: export its best checkpoint again (to a new --output-dir, say). Nothing trains, so Ray is
     not started, and the summary keeps the figures of the run; only model_dir changes."""
     print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again", flush=True)
-    summary_path = storage.join(run_dir(cfg), SUMMARY_FILE)
-    summary = json.loads(storage.read_text(summary_path))
-    checkpoint, best = best_checkpoint(_load_result(cfg), cfg, bool(len(data.validation)))
+    run_dir = RunDir.of(cfg)
+    summary = run_dir.read_summary() or {}
+    checkpoint, best = best_checkpoint(_load_result(run_dir), cfg, bool(len(data.validation)))
     summary["model_dir"] = export(
         cfg, checkpoint, best, data.classes, model_kwargs, pre, {k: v for k, v in summary.items() if k != "model_dir"}
     )
-    storage.write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    run_dir.write_summary(summary)
     print(f"model directory: {summary['model_dir']}", flush=True)
     return summary
 
 
-def _load_result(cfg: TrainConfig):
+def _load_result(run_dir: RunDir):
     from ray.train import Result
 
-    path, filesystem = storage.train_storage(run_dir(cfg))
+    path, filesystem = storage.train_storage(run_dir.path)
     return Result.from_path(path, storage_filesystem=filesystem)
 
 
@@ -392,7 +409,8 @@ def finish(
     cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, started: float, result
 ) -> dict:
     """Export the best checkpoint, write summary.json and curves.png, print the summary table."""
-    lines = _metrics_lines(cfg)
+    run_dir = RunDir.of(cfg)
+    lines = run_dir.read_metrics()
     epochs = [x for x in lines if x["type"] == "epoch"]
     steps = [x for x in lines if x["type"] == "step"]
     checkpoint, best = best_checkpoint(result, cfg, bool(len(data.validation)))
@@ -413,72 +431,8 @@ def finish(
         "seconds": round(time.time() - started, 1),
     }
     summary["model_dir"] = export(cfg, checkpoint, best, data.classes, model_kwargs, pre, summary)
-    storage.write_text(storage.join(run_dir(cfg), SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
-    storage.write_bytes(storage.join(run_dir(cfg), CURVES_FILE), plot_curves(lines))
+    run_dir.write_summary(summary)
+    run_dir.write_curves(lines)
     print(summary_table(epochs, cfg.metric), flush=True)
     print(f"model directory: {summary['model_dir']}", flush=True)
     return summary
-
-
-def _metrics_lines(cfg: TrainConfig) -> list[dict]:
-    path = storage.join(run_dir(cfg), METRICS_FILE)
-    if not storage.exists(path):
-        return []
-    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
-
-
-def summary_table(epochs: list[dict], metric: str) -> str:
-    cols = [
-        c
-        for c in ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micro_f1")
-        if any(c in e for e in epochs)
-    ]
-    head = "epoch  " + "  ".join(f"{c:>10}" for c in cols)
-    rows = [f"{e['epoch']:>5}  " + "  ".join(f"{e.get(c, float('nan')):>10.4f}" for c in cols) for e in epochs]
-    return "\n".join([head, *rows, f"(checkpoints ranked by {metric})"])
-
-
-def plot_curves(lines: list[dict]) -> bytes:
-    """curves.png: loss and learning rate per step, validation metrics per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [x for x in lines if x["type"] == "step"]
-    epochs = [x for x in lines if x["type"] == "epoch"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([x["step"] for x in steps], [x["loss"] for x in steps], label="train loss (step)")
-    if any("val_loss" in e for e in epochs):
-        axes[0].plot([e["step"] for e in epochs], [e.get("val_loss") for e in epochs], "o-", label="val loss")
-    axes[0].set_xlabel("step")
-    axes[0].legend()
-    axes[1].plot([x["step"] for x in steps], [x["lr"] for x in steps])
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("learning rate")
-    shown = [key for key in ("top1", "top5", "macro_f1", "map", "micro_f1") if any(key in e for e in epochs)]
-    for key in shown:
-        axes[2].plot([e["epoch"] for e in epochs], [e.get(key) for e in epochs], "o-", label=key)
-    axes[2].set_xlabel("epoch")
-    if shown:  # no validation subset, no validation metrics
-        axes[2].legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m rayimgcls.train`: the flags of `rayimgcls train`, e.g. under `ray job submit`."""
-    import typer
-
-    from rayimgcls.cli import _setup_logging, app
-
-    _setup_logging()
-    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
-    command.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m rayimgcls.train")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,12 +3,11 @@
 Resume is exact by construction: a checkpoint holds the model, optimizer and LR-scheduler state, the
 completed epoch and the global step; every epoch draws its random numbers from a seed derived from
 (seed, epoch, rank), so a resumed epoch starts from the same RNG state as the uninterrupted run would, and
-metrics.jsonl is cut back to the checkpoint's step before it grows again.
+metrics.jsonl (and the trackers fed from it) is cut back to the checkpoint's step before it grows again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,17 +23,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rayimgcls import storage
 from rayimgcls.config import TrainConfig
 from rayimgcls.images import PreprocessConfig, normalize
-from rayimgcls.metrics import summary_metrics
-from rayimgcls.model import WEIGHTS_FILE, create_model
+from rayimgcls.metrics import confusion_matrix, summary_metrics
+from rayimgcls.model import create_model
+from rayimgcls.rundir import (
+    MetricsLog,
+    RunDir,
+    checkpoint_dir_name,
+    load_checkpoint_weights,
+    load_train_state,
+    save_checkpoint,
+)
+from rayimgcls.train.tracking import Trackers
 
 logger = logging.getLogger(__name__)
-
-TRAIN_STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.jsonl"
-WORKERS_FILE = "workers.json"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class LoopContext:
     run_dir: str
     has_validation: bool
     pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
+    mlflow_run_id: str | None = None  # the MLflow run the driver opened, when tracking there
 
 
 def say(message: str) -> None:
@@ -69,63 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch:04d}"
-
-
-def save_checkpoint(
-    path: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epoch: int,
-    global_step: int,
-    metrics: dict,
-) -> None:
-    """Weights as safetensors, the rest as a torch file that loads with weights_only=True."""
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(path, WEIGHTS_FILE)
-    )
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "metrics": metrics,
-        },
-        os.path.join(path, TRAIN_STATE_FILE),
-    )
-
-
-def load_train_state(path: str) -> dict:
-    return torch.load(os.path.join(path, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
-
-
-def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, WEIGHTS_FILE))
-
-
-class MetricsLog:
-    """metrics.jsonl, owned by rank 0: one line per logging step and per epoch. The file is rewritten
-    whole (object stores cannot append); on resume it is cut back to the checkpoint's step."""
-
-    def __init__(self, run_dir: str, resume_step: int | None) -> None:
-        self.path = storage.join(run_dir, METRICS_FILE)
-        self.lines: list[dict] = []
-        if resume_step is not None and storage.exists(self.path):
-            old = [json.loads(x) for x in storage.read_text(self.path).splitlines() if x.strip()]
-            self.lines = [x for x in old if x["step"] <= resume_step]
-
-    def add(self, **record: Any) -> None:
-        self.lines.append({**record, "time": round(time.time(), 3)})
-        storage.write_text(self.path, "".join(json.dumps(x) + "\n" for x in self.lines))
 
 
 def build_optimizer(
@@ -221,7 +168,7 @@ def train_loop(config: dict) -> None:
     optimizer, scheduler = build_optimizer(model, cfg, cfg.num_epochs * ctx.steps_per_epoch)
     start_epoch, global_step = restore(model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model)
-    log = MetricsLog(ctx.run_dir, global_step) if rank == 0 else None
+    log = Journal(ctx, cfg, global_step) if rank == 0 else None
     if log is not None and start_epoch:
         say(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
         log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
@@ -276,10 +223,37 @@ def train_loop(config: dict) -> None:
                     f"epoch {epoch + 1}/{cfg.num_epochs} step {global_step}/{cfg.num_epochs * ctx.steps_per_epoch}"
                     f" loss {loss.item():.4f} lr {lr:.3g} {rate:.0f} img/s data-wait {100 * wait_frac:.1f}%"
                 )
-        metrics = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}
+        metrics, confusion = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}, None
         if ctx.has_validation and rank == 0:
-            metrics.update(evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp))
+            scores, confusion = evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp)
+            metrics.update(scores)
         _report(ctx, model, optimizer, scheduler, metrics, rank, log)
+        if log is not None and epoch + 1 == cfg.num_epochs:
+            log.finish(cfg, ctx.class_names, confusion)
+    if log is not None:
+        log.close()
+
+
+class Journal:
+    """What rank 0 records: metrics.jsonl, and the trackers (TensorBoard, MLflow) fed the same lines. On
+    resume both continue from the lines metrics.jsonl kept (cut back to the checkpoint's step)."""
+
+    def __init__(self, ctx: LoopContext, cfg: TrainConfig, resume_step: int) -> None:
+        run = RunDir(ctx.run_dir)
+        self.metrics = MetricsLog(run, resume_step)
+        self.trackers = Trackers.open(cfg, run, ctx.mlflow_run_id, self.metrics.kept)
+
+    def add(self, **record: Any) -> None:
+        self.trackers.log(self.metrics.add(**record))
+
+    def epoch_done(self) -> None:
+        self.trackers.flush()
+
+    def finish(self, cfg: TrainConfig, class_names: list[str], confusion: np.ndarray | None) -> None:
+        self.trackers.finish(self.metrics.lines[-1], cfg, class_names, confusion)
+
+    def close(self) -> None:
+        self.trackers.close()
 
 
 class _Window:
@@ -326,8 +300,9 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     amp: torch.dtype | None,
-) -> dict[str, float]:
-    """Loss and metrics over the whole validation subset (rank 0 only: it is not split between workers)."""
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Loss and metrics over the whole validation subset (rank 0 only: it is not split between workers), and
+    the confusion matrix (multi-class)."""
     import ray.train
 
     model.eval()
@@ -347,10 +322,11 @@ def evaluate(
             probs.append(logits.softmax(-1).cpu().numpy())
         targets.append(y.cpu().numpy())
     if not probs:
-        return {}
+        return {}, None
     p, t = np.concatenate(probs), np.concatenate(targets)
     out = {"val_loss": loss_sum / len(p), **summary_metrics(p, t, cfg.multilabel)}
-    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+    confusion = None if cfg.multilabel else confusion_matrix(t, p.argmax(1), num_classes)
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}, confusion
 
 
 def _report(
@@ -360,7 +336,7 @@ def _report(
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
     metrics: dict,
     rank: int,
-    log: MetricsLog | None,
+    log: Journal | None,
 ) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint and logs the epoch."""
     import ray.train
@@ -379,6 +355,7 @@ def _report(
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_dir_name(epoch)
         )
+    log.epoch_done()
 
 
 def _record_worker(run_dir: str, rank: int, world: int) -> None:
@@ -397,4 +374,4 @@ def _record_worker(run_dir: str, rank: int, world: int) -> None:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, info)
     if rank == 0:
-        storage.write_text(storage.join(run_dir, WORKERS_FILE), json.dumps(gathered, indent=2) + "\n")
+        RunDir(run_dir).write_workers(gathered)
