@@ -448,3 +448,14 @@ def test_cli_entry_points(small_root, tmp_path):
     )
     assert bad.returncode == 2 and "num_epochs=0: allowed >= 1" in bad.stderr and "Traceback" not in bad.stderr
     assert "batch_size=10: must divide evenly by num_workers=3" in bad.stderr
+
+
+def test_autocast_follows_the_precision_and_the_device():
+    """bf16 when asked; 'auto' is fp32 on a CPU (and on GPUs without native bf16, via resolve_precision)."""
+    import torch
+
+    from rayimgcls.train.loop import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None

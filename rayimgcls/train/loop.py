@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rayimgcls.config import TrainConfig
 from rayimgcls.images import PreprocessConfig, normalize
 from rayimgcls.metrics import confusion_matrix, summary_metrics
-from rayimgcls.model import create_model
+from rayimgcls.model import create_model, resolve_precision, use_ieee_fp32
 from rayimgcls.rundir import (
     MetricsLog,
     RunDir,
@@ -125,11 +125,10 @@ def load_transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware has it (CUDA with bf16) for 'auto' or 'bf16'; fp32 on CPUs for
-    'auto' (CPU bf16 training speed varies too much between models and chips to assume)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
+    """bf16 autocast for 'bf16', and for 'auto' on GPUs with native bf16 (model.resolve_precision: not a V100 or
+    T4, where bf16 is emulated); fp32 on CPUs for 'auto' (CPU bf16 training speed varies too much between models
+    and chips to assume)."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
 def timed(it: Iterator) -> Iterator[tuple[float, Any]]:
@@ -155,6 +154,8 @@ def train_loop(config: dict) -> None:
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and cfg.precision == "fp32":
+        use_ieee_fp32()  # 'fp32' means fp32 on a GPU too: no TF32 matmuls or convolutions
     _record_worker(ctx.run_dir, rank, world)
 
     seed_everything(cfg.seed)  # identical initial weights on every worker
@@ -165,6 +166,9 @@ def train_loop(config: dict) -> None:
         fresh = load_transfer_weights(model, state)
         if rank == 0 and fresh:
             say(f"fine-tuning from {cfg.pretrained}: freshly initialised {', '.join(fresh)}")
+    # On the device before the optimizer exists: a restored optimizer state follows its parameters' device, and
+    # prepare_model below moves only the parameters (a resumed GPU run would meet CPU moments in its first step).
+    model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.num_epochs * ctx.steps_per_epoch)
     start_epoch, global_step = restore(model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model)
@@ -190,6 +194,7 @@ def train_loop(config: dict) -> None:
             # are permuted on the driver and the block order changes every epoch.
             local_shuffle_buffer_size=2 * batch_size,
             dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
+            pin_memory=device.type == "cuda",  # pinned pages make Ray's copy to the GPU asynchronous
         )
         for wait, batch in timed(iter(batches)):
             if steps == ctx.steps_per_epoch:
@@ -309,7 +314,10 @@ def evaluate(
     probs, targets, loss_sum = [], [], 0.0
     shard = ray.train.get_dataset_shard("validation")
     for batch in shard.iter_torch_batches(
-        batch_size=max(cfg.batch_size, 64), device=device, dtypes={"image": torch.uint8, "label": _label_dtype(cfg)}
+        batch_size=max(cfg.batch_size, 64),
+        device=device,
+        dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
+        pin_memory=device.type == "cuda",
     ):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(normalize(batch["image"], pre)).float()
