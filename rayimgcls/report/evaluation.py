@@ -152,8 +152,8 @@ def _confusion(report: dict, names: list[str]) -> Section:
         note += f" Shown: the {len(keep)} of {len(names)} classes with the most errors (as true or predicted)."
     body = tag(
         "div",
-        tag("figure", image(counts, "confusion matrix, counts"), tag("figcaption", "counts")),
-        tag("figure", image(normalised, "confusion matrix, normalised"), tag("figcaption", "normalised by row")),
+        tag("figure", image(counts, "confusion matrix, counts")),
+        tag("figure", image(normalised, "confusion matrix, normalised by row")),
         class_="figures",
     )
     return "confusion", "Confusion matrix", section("confusion", "Confusion matrix", body, note=note)
@@ -179,7 +179,7 @@ def _matrix_png(values, colour, labels: list[str], title: str, fmt, counts) -> b
     side = min(2.4 + 0.34 * n, 12.0)
     with pyplot() as plt:
         fig, ax = plt.subplots(figsize=(side, side))
-        ax.imshow(colour, cmap="Blues", vmin=0, vmax=1)
+        ax.imshow(colour, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")  # no filter: cells are cells
         ax.set_xticks(range(n), labels, rotation=90)
         ax.set_yticks(range(n), labels)
         for i in range(n):

@@ -158,7 +158,8 @@ def figure_png(fig: Any, dpi: int = 100) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.tight_layout()  # not savefig's bbox_inches="tight", which draws the figure twice
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
