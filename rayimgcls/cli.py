@@ -333,6 +333,11 @@ def evaluate(
         except ResultDirError as e:
             fail(str(e))
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    from rayimgcls.report.html import file_url
+    from rayimgcls.text import printable
+
+    url = file_url(report["html"])  # None on object storage
+    typer.echo(f"report: {printable(report['html'])}" + (f"\n  open: {url}" if url else ""), err=as_json)
 
 
 # ---------------------------------------------------------------------------------------------------------

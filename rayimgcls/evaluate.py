@@ -22,6 +22,7 @@ from rayimgcls import metrics, storage
 from rayimgcls.dataset import LABELS_CSV, DatasetError, Problem, check_rows, normalize_rel, read_csv
 from rayimgcls.infer import ResultDirError, iter_lines, read_manifest
 from rayimgcls.model import ModelError, read_card, write_card
+from rayimgcls.report.evaluation import write_evaluation_report
 
 EXAMPLES = 20  # error lines / unlabelled rows listed in the report
 TUNED_ON_EVALUATED = "some evaluated rows tuned the thresholds: --subset test gives an unbiased figure"
@@ -162,6 +163,8 @@ def evaluate(
         report.update(_multiclass(scored, probs, names, worst, confused))
         _write_confusion(result_dir, subset, names, np.asarray(report["confusion_matrix"]))
     report = _finite(report)
+    report["html"] = storage.join(result_dir, _name("report", subset, "html"))
+    write_evaluation_report(report["html"], report, scored, probs)
     storage.write_text(
         storage.join(result_dir, _name("evaluation", subset, "json")), json.dumps(report, indent=2) + "\n"
     )

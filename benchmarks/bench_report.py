@@ -1,0 +1,149 @@
+"""Evaluation at scale: 100,000 predictions of a 1,000-class model -> evaluation.json + report.html.
+
+The result dir is written with infer's own code (`read_inputs`, `plan_shards`, `build_manifest`,
+`ShardWriter`, `prediction_line`) from the real probabilities of an untrained 1,000-class tiny ViT on
+--images distinct images; row i shows image i % --images, so every thumbnail is a real file. Each figure is
+measured in a fresh process (peak memory is per process; the file cache is warm after the first read):
+
+- parse: read every shard and `json.loads` every line, keeping nothing: the floor of any reader of the format;
+- evaluate: `rayimgcls.evaluate.evaluate()` (load, join, metrics, evaluation.json, confusion CSV/PNG,
+  report.html), with the report.html step timed inside it.
+
+    python benchmarks/bench_report.py                      # 100,000 x 1,000: ~2.5 GB of shards, a few minutes
+    python benchmarks/bench_report.py --rows 20000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+TINY_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--images", type=int, default=1000, help="distinct image files the rows cycle through")
+    p.add_argument("--runs", type=int, default=1, help="timed runs of each measurement (median)")
+    p.add_argument("--workdir", default="/tmp/rayimgcls-bench-report")
+    return p.parse_args()
+
+
+def build(args: argparse.Namespace) -> Path:
+    """data/ (images + labels.csv), model/ and result/ (shards + manifest), made once per setting."""
+    from rayimgcls.config import InferConfig
+    from rayimgcls.infer import ShardWriter, build_manifest, plan_shards, prediction_line, read_inputs, write_manifest
+    from rayimgcls.model import Predictor, make_untrained_model_dir
+    from rayimgcls.synth import SynthConfig, make_dataset
+
+    work = Path(args.workdir) / f"{args.rows}x{args.classes}"
+    if (work / "result" / "manifest.json").exists():
+        return work
+    data = make_dataset(work / "data", SynthConfig(num_images=args.images, num_classes=4, seed=0))
+    images = [line.split(",")[0] for line in (data / "labels.csv").read_text().splitlines()[1:]]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, args.classes, args.rows)
+    csv = "".join(f"{images[i % len(images)]},{labels[i]},test\n" for i in range(args.rows))
+    (data / "labels.csv").write_text("image_path,label,subset\n" + csv)
+    (data / "class_to_idx.json").unlink()
+    make_untrained_model_dir(work / "model", num_classes=args.classes, image_size=32, model_kwargs=TINY_VIT)
+    predictor = Predictor.from_dir(work / "model")
+    probs = predictor.predict_batch(np.stack([predictor.preprocess(data / p) for p in images]))
+    cfg = InferConfig(
+        model_dir=str(work / "model"), data_root=str(data), result_dir=str(work / "result"), csv="labels.csv"
+    )
+    inputs = read_inputs(cfg)
+    rows = inputs.frame["row"].to_numpy()
+    shards = plan_shards(rows, cfg.rows_per_shard)
+    (work / "result").mkdir()
+    write_manifest(cfg.result_dir, build_manifest(cfg, predictor.card, inputs, shards))
+    # One line per image, then only `row` differs: the same text prediction_line writes, 100x faster to make.
+    lines = [prediction_line(p, 0, probs[k], predictor.card, cfg.top_k) for k, p in enumerate(images)]
+    assert all(line.endswith(', "row": 0}') for line in lines)
+    writer = ShardWriter(cfg.result_dir, shards, rows, cfg.rows_per_shard)
+    for start in range(0, len(rows), 5000):
+        chunk = rows[start : start + 5000]
+        text = [f"{lines[(start + i) % len(lines)][:-2]}{r}}}" for i, r in enumerate(chunk)]
+        writer.add(chunk, np.array(text, dtype=object))
+    return work
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM starts over at exec, unlike getrusage's ru_maxrss)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def parse_only(result: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    for shard in sorted(Path(result).glob("predictions-*.jsonl")):
+        with shard.open() as f:
+            for line in f:
+                json.loads(line)
+    return time.perf_counter() - start, peak_mb()
+
+
+def evaluate_once(result: str) -> tuple[float, float, float]:
+    import rayimgcls.evaluate as ev
+
+    timed = {}
+    write = ev.write_evaluation_report
+
+    def write_timed(*a, **kw):
+        start = time.perf_counter()
+        write(*a, **kw)
+        timed["report"] = time.perf_counter() - start
+
+    ev.write_evaluation_report = write_timed
+    start = time.perf_counter()
+    ev.evaluate(result)
+    return time.perf_counter() - start, timed["report"], peak_mb()
+
+
+def fresh(fn, *args):
+    """Run fn in a new process (its own peak memory)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    work = build(args)
+    result = str(work / "result")
+    size = sum(f.stat().st_size for f in Path(result).glob("predictions-*.jsonl")) / 1e9
+    print(
+        f"result dir {result}: {args.rows} rows x {args.classes} classes, {size:.2f} GB of shards "
+        f"(built/found in {time.perf_counter() - start:.0f} s)"
+    )
+    fresh(parse_only, result)  # warm-up: the file cache
+    parse = [fresh(parse_only, result) for _ in range(args.runs)]
+    evals = [fresh(evaluate_once, result) for _ in range(args.runs)]
+    parse_s, parse_mb = statistics.median(p[0] for p in parse), max(p[1] for p in parse)
+    eval_s, report_s = statistics.median(e[0] for e in evals), statistics.median(e[1] for e in evals)
+    eval_mb = max(e[2] for e in evals)
+    html = Path(result) / "report.html"
+    print(f"parse only:  {parse_s:6.1f} s, peak {parse_mb:6.0f} MB")
+    print(
+        f"evaluate:    {eval_s:6.1f} s, peak {eval_mb:6.0f} MB (report.html {report_s:.1f} s, "
+        f"{html.stat().st_size / 1e6:.1f} MB, {html.read_text().count('<img ')} images)"
+    )
+    probs_mb = args.rows * args.classes * 8 / 1e6
+    print(f"the probabilities alone as float64: {probs_mb:.0f} MB")
+    print(f"RESULT evaluate_vs_parse ratio={eval_s / parse_s:.2f} target=1.5")
+    print(f"RESULT evaluate_seconds_vs_minute ratio={eval_s / 60:.2f} target=0.5")
+    print(f"RESULT report_share ratio={report_s / eval_s:.3f} target=0.1")
+    print(f"RESULT evaluate_memory_vs_probs ratio={eval_mb / probs_mb:.2f} target=1.5")
+
+
+if __name__ == "__main__":
+    main()
