@@ -225,6 +225,7 @@ class InferConfig:
     precision: str | None = opt(None, "fp32, bf16 or auto; default: the model directory's setting.")
     top_k: int = opt(5, "Classes listed in top_k (capped at the class count).")
     rows_per_shard: int = opt(10_000, "Input rows per predictions-NNNNN.jsonl shard.")
+    max_pixels: int = opt(50_000_000, "Largest image in pixels (an error line beyond), checked before decoding.")
     merge: bool = opt(False, "Also write predictions.jsonl with every line.")
     overwrite: bool = opt(
         False, "Delete our earlier output in result_dir (shards, manifest, evaluation reports) first; other files stay."
@@ -240,6 +241,7 @@ class InferConfig:
             _check(self, "precision", self.precision in (None, *PRECISIONS), " | ".join(PRECISIONS)),
             _check(self, "top_k", self.top_k >= 1, ">= 1"),
             _check(self, "rows_per_shard", self.rows_per_shard >= 1, ">= 1"),
+            _check(self, "max_pixels", self.max_pixels >= 1, ">= 1"),
             _check(self, "subset", self.subset in (None, "train", "validation", "test"), "train | validation | test"),
         ]
         if self.overwrite and self.resume:

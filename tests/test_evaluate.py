@@ -12,7 +12,7 @@ from conftest import TINY_VIT
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
-from rayimgcls.dataset import DatasetError
+from rayimgcls.dataset import DatasetError, rows_fingerprint
 from rayimgcls.evaluate import TUNED_ON_EVALUATED, evaluate, format_report
 from rayimgcls.infer import ResultDirError
 from rayimgcls.model import ModelError, make_untrained_model_dir, read_card
@@ -70,7 +70,14 @@ def write_result(
         "shards": shards,
         "complete": True,
         "settings": {"precision": "fp32", "top_k": 5, "rows_per_shard": per_shard},
-        "input": {"kind": "csv", "data_root": str(root), "csv": csv, "subset": None, "rows": len(lines), "sha256": "-"},
+        "input": {
+            "kind": "csv",
+            "data_root": str(root),
+            "csv": csv,
+            "subset": None,
+            "rows": len(lines),
+            "sha256": rows_fingerprint([x["row"] for x in lines], [x["input"] for x in lines]),
+        },
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
 
