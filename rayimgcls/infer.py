@@ -231,15 +231,24 @@ RESUME_IGNORES = frozenset({("model", "dir"), ("input", "labels_sha256")})
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Readable differences between a stored manifest and the run asked for (shards and summary aside)."""
+    """Readable differences between a stored manifest and the run asked for (shards and summary aside); a
+    mapping (the model's kwargs, its preprocessing) is compared key by key, so the difference shows."""
     out = []
     for section in ("model", "input", "settings"):
         before, after = old.get(section, {}), json.loads(json.dumps(new[section]))  # tuples as stored: lists
-        out += [
-            f"{section}.{k}: {_short(before.get(k))} -> {_short(after[k])}"
-            for k in after
-            if before.get(k) != after[k] and (section, k) not in RESUME_IGNORES
-        ]
+        for k in after:
+            if before.get(k) == after[k] or (section, k) in RESUME_IGNORES:
+                continue
+            was, now = before.get(k), after[k]
+            if isinstance(was, dict) and isinstance(now, dict):
+                keys = sorted(set(was) | set(now), key=lambda x: (x not in now, str(x)))
+                out += [
+                    f"{section}.{k}.{j}: {_short(was.get(j))} -> {_short(now.get(j))}"
+                    for j in keys
+                    if was.get(j) != now.get(j)
+                ]
+            else:
+                out.append(f"{section}.{k}: {_short(was)} -> {_short(now)}")
     return out
 
 

@@ -63,7 +63,7 @@ def create_model(
     """A randomly initialised timm model and the exact kwargs that rebuild it (stored in config.json)."""
     import timm
 
-    kwargs: dict[str, Any] = {"num_classes": num_classes, **(model_kwargs or {})}
+    kwargs: dict[str, Any] = {**(model_kwargs or {}), "num_classes": num_classes}
     if problems := model_problems(name, kwargs):  # nothing but an architecture reaches timm
         raise ModelError("; ".join(problems))
     if image_size is not None:
@@ -183,6 +183,8 @@ def card_problems(card: ModelCard) -> list[str]:
         problems.append("class_names: expected a list of strings")
     elif len(card.class_names) != n:
         problems.append(f"{len(card.class_names)} class names for {n} classes")
+    if isinstance(card.model_kwargs, dict) and card.model_kwargs.get("num_classes", n) != n:
+        problems.append(f"model.kwargs.num_classes={card.model_kwargs['num_classes']!r} but num_classes={n}")
     thresholds = card.thresholds
     if not isinstance(thresholds, list) or not all(
         isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds
