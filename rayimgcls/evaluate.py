@@ -95,7 +95,8 @@ def attach_labels(preds: Predictions, data_root: str, notes: list[str] | None = 
         frame = preds.frame.assign(key=preds.frame["input"].map(normalize_rel))
         joined = frame.merge(_unique_paths(right), how="left", on="key").drop(columns="key")
     used = set(joined["label_row"].dropna().astype(int))
-    bad = [p for p in problems if p.line in used]
+    bad = [p for p in problems if p.line in used and p.code not in ("empty_path", "bad_path")]  # labels only:
+    # a bad path is already that row's error line
     if bad:
         raise DatasetError(bad)
     joined["labels"] = joined["labels"].map(lambda x: x if isinstance(x, list) else None)
