@@ -78,13 +78,21 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
     if ray.is_initialized():
         return
     target = resolve_address(address)
-    joining = target != "local"
+    joining = target != "local"  # None: the cluster `ray start` recorded, which answers
     if joining and JOB_CONFIG_ENV not in os.environ:
         runtime_env = with_s3_env(runtime_env)
     kwargs: dict = {"address": target, "runtime_env": runtime_env}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        hint = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE")
+            else ("; a cluster with token authentication (`ray start`'s default) needs RAY_AUTH_MODE=token here")
+        )
+        raise ClusterError(f"cannot join the Ray cluster at {target or 'auto'}: {e}{hint}") from None
     logger.info("Ray %s: %s", "connected" if joining else "started locally", ray.cluster_resources())
 
 
@@ -109,8 +117,9 @@ def resolve_address(address: str | None) -> str | None:
         if record is None:
             return "local"
         if _answers(record):
+            # Ray joins its record itself (and then, unlike for an address we pass, uses the token `ray start` made)
             logger.info("joining the Ray cluster at %s (`ray start`'s record; --address local: a separate one)", record)
-            return record
+            return None
         logger.warning(
             "ignoring %s: it names a Ray cluster at %s that does not answer (a `ray start` head stopped without "
             "`ray stop`, which removes the record); starting a local Ray instead",
