@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -164,19 +165,36 @@ def edited_model_dir(model_dir, tmp_path, edit) -> str:
     return str(out)
 
 
-@pytest.mark.timeout(30)
-def test_a_checkpoint_path_in_config_json_is_refused_without_opening_it(model_dir, tmp_path):
-    """timm would torch.load `checkpoint_path` before our sha256 check of the weights. A FIFO proves nothing
-    opens it: opening one for reading blocks until a writer comes, so a refusal that opened it would hang."""
-    import os
+OPENED: list[str] | None = None  # paths opened while a test listens (an audit hook cannot be removed)
 
-    fifo = tmp_path / "checkpoint.pth"
-    os.mkfifo(fifo)
-    edited = edited_model_dir(model_dir, tmp_path, lambda c: c["model"]["kwargs"].update(checkpoint_path=str(fifo)))
-    with pytest.raises(ModelError, match="model kwarg 'checkpoint_path'.*not an architecture setting"):
-        Predictor.from_dir(edited, precision="fp32")
-    with pytest.raises(ModelError, match="checkpoint_path"):
-        load_model_dir(edited)
+
+def _record_opens(event: str, args: tuple) -> None:
+    if OPENED is not None and event == "open" and args and isinstance(args[0], str | bytes | os.PathLike):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+def test_a_checkpoint_path_in_config_json_is_refused_without_opening_it(model_dir, tmp_path):
+    """timm would torch.load `checkpoint_path` before our sha256 check of the weights. Python's audit hook
+    sees every open(): the file must never be among them."""
+    import sys
+
+    global OPENED
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"head.weight": torch.zeros(4, 48)}, checkpoint)
+    edited = edited_model_dir(
+        model_dir, tmp_path, lambda c: c["model"]["kwargs"].update(checkpoint_path=str(checkpoint))
+    )
+    sys.addaudithook(_record_opens)
+    OPENED = []
+    try:
+        with pytest.raises(ModelError, match="model kwarg 'checkpoint_path'.*not an architecture setting"):
+            Predictor.from_dir(edited, precision="fp32")
+        with pytest.raises(ModelError, match="checkpoint_path"):
+            load_model_dir(edited)
+        opened = list(OPENED)
+    finally:
+        OPENED = None
+    assert str(checkpoint) not in opened and any(p.endswith(CONFIG_FILE) for p in opened)
 
 
 @pytest.mark.parametrize(
