@@ -113,9 +113,12 @@ def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0, 
 
 
 def _check_batch(batch: dict[str, np.ndarray], data_root: str, max_pixels: int) -> dict[str, np.ndarray]:
-    from rayimgcls.dataset import check_image
+    from rayimgcls.dataset import check_image, path_problem
 
-    results = [check_image(data_root, str(p), max_pixels) for p in batch["image_path"]]
+    # as dataset.check_images: a path check_rows already refuses (empty, a control character) is not opened
+    results = [
+        None if path_problem(str(p)) else check_image(data_root, str(p), max_pixels) for p in batch["image_path"]
+    ]
     return {
         "row": batch["row"],
         "image_path": batch["image_path"],

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+from conftest import run_cli
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
@@ -64,18 +65,6 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path):
 # Every error a user can cause is a message and a non-zero exit; our own bugs keep their traceback (issue 10, 4)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "rayimgcls", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def infer_args(model_dir, data_root, out) -> list[str]:
     return ["infer", "--model-dir", str(model_dir), "--data-root", str(data_root), "--result-dir", str(out)]
 
@@ -129,3 +118,15 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_one_for_user_errors(tmp_path)
         open(tmp_path / "our-own-file-that-a-bug-lost")  # noqa: SIM115
     result = runner.invoke(app, ["--debug", "validate", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "Traceback" in result.output and "labels.csv: not found" in result.output
+
+
+def test_training_refuses_a_label_past_1000_classes(tmp_path):
+    """A label 1500 used to train a 1501-class model; now it is a bad row named by its line, before Ray starts."""
+    runner.invoke(app, ["make-dataset", str(tmp_path / "d"), "--num-images", "12"])
+    (tmp_path / "d" / "class_to_idx.json").unlink()
+    with (tmp_path / "d" / "labels.csv").open("a") as f:
+        f.write("images/000001.jpg,1500,train,\n")
+    args = ["train", "--data-root", str(tmp_path / "d"), "--storage-path", str(tmp_path / "runs"), "--run-name", "t"]
+    assert_user_error(
+        run_cli(*args), "labels.csv:14: images/000001.jpg: label 1500 outside [0, 3] (at most 1000 classes)"
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_images, run_cli
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
@@ -60,10 +61,7 @@ def csv_paths(root: Path, name: str) -> list[str]:
 def messy_root(tmp_path_factory, shapes_root: Path) -> Path:
     """Good images plus every way a row can fail, duplicates included: one line each is the contract."""
     root = tmp_path_factory.mktemp("messy")
-    (root / "images").mkdir()
-    good = sorted((shapes_root / "images").iterdir())[:6]
-    for f in good:
-        shutil.copy(f, root / "images" / f.name)
+    good = copy_images(root, shapes_root, 6)
     jpeg = (root / "images" / good[0].name).read_bytes()
     (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "images" / "not_an_image.jpg").write_bytes(b"hello, world")
@@ -337,20 +335,13 @@ def test_killed_run_resumes_keeping_complete_shards(ray_session, model_dir, shap
 # One bad row never kills a job; outputs and resumes are checked row by row (issue 10, items 2, 5, 7)
 
 
-def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rayimgcls", *args], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def hostile_root(tmp_path_factory, shapes_root: Path) -> Path:
     """Two good images, a 1 x 40,000,000 PNG (written by PIL) and image paths with a NUL and an ANSI escape."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("hostile")
-    (root / "images").mkdir()
-    good = sorted((shapes_root / "images").iterdir())[:2]
-    for f in good:
-        shutil.copy(f, root / "images" / f.name)
+    good = copy_images(root, shapes_root, 2)
     Image.new("L", (1, 40_000_000), 128).save(root / "images" / "thin.png")
     rows = [
         f"images/{good[0].name}",
