@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rayimgcls import storage
-from rayimgcls.dataset import Problem
-from rayimgcls.images import DEFAULT_MAX_PIXELS, Augment, ImageError, PreprocessConfig, preprocess
+from rayimgcls.dataset import Problem, image_failure, load_image
+from rayimgcls.images import DEFAULT_MAX_PIXELS, Augment, PreprocessConfig
+from rayimgcls.text import printable
 
 ON_ERROR = ("raise", "keep")
 
@@ -43,20 +43,6 @@ class DecodeSpec:
             raise ValueError(f"on_error={self.on_error!r}: allowed {ON_ERROR}")
 
 
-def load_image(data_root: str, rel: str, pre: PreprocessConfig, aug: Augment | None = None) -> np.ndarray:
-    """Read `rel` under `data_root` and preprocess it to uint8 (3, S, S). Raises ImageError,
-    storage.PathEscapeError or OSError."""
-    return preprocess(storage.read_bytes(storage.resolve_under(data_root, rel)), pre, aug)
-
-
-def _reason(e: Exception) -> str:
-    if isinstance(e, FileNotFoundError):
-        return "file not found"
-    if isinstance(e, OSError) and not isinstance(e, ImageError):
-        return f"cannot read file: {e.strerror or e}"
-    return str(e)
-
-
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
     """Ray Data UDF: decode and transform each row's image; attach labels."""
     if spec.augment is not None:
@@ -68,13 +54,14 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     for i, (row, rel) in enumerate(zip(batch["row"], batch["image_path"], strict=True)):
         try:
             images[i] = load_image(spec.data_root, str(rel), spec.preprocess, spec.augment)
-        except (ImageError, storage.PathEscapeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - one file's failure, whatever it is, is its row's (image_failure)
+            reason = image_failure(e)[1]
             if spec.on_error == "raise":
                 raise BadRowError(
-                    f"{spec.csv_name}:{int(row)}: {rel}: {_reason(e)} "
-                    "(--skip-bad-rows skips such rows and records them)"
+                    printable(f"{spec.csv_name}:{int(row)}: {rel}: {reason}")
+                    + " (--skip-bad-rows skips such rows and records them)"
                 ) from None
-            errors[i] = _reason(e)
+            errors[i] = reason
     out = {"row": np.asarray(batch["row"], dtype=np.int64), "image": images}
     if spec.num_classes:
         out["label"] = encode_labels(batch["labels"], spec.num_classes, spec.multilabel)
@@ -126,9 +113,12 @@ def image_dataset(df: pd.DataFrame, spec: DecodeSpec, *, num_cpus: float = 1.0, 
 
 
 def _check_batch(batch: dict[str, np.ndarray], data_root: str, max_pixels: int) -> dict[str, np.ndarray]:
-    from rayimgcls.dataset import check_image
+    from rayimgcls.dataset import check_image, path_problem
 
-    results = [check_image(data_root, str(p), max_pixels) for p in batch["image_path"]]
+    # as dataset.check_images: a path check_rows already refuses (empty, a control character) is not opened
+    results = [
+        None if path_problem(str(p)) else check_image(data_root, str(p), max_pixels) for p in batch["image_path"]
+    ]
     return {
         "row": batch["row"],
         "image_path": batch["image_path"],

@@ -19,13 +19,26 @@ import numpy as np
 import pandas as pd
 
 from rayimgcls import metrics, storage
-from rayimgcls.dataset import LABELS_CSV, DatasetError, Problem, check_rows, normalize_rel, read_csv
+from rayimgcls.dataset import (
+    LABELS_CSV,
+    DatasetError,
+    Problem,
+    check_rows,
+    normalize_rel,
+    read_csv,
+    rows_fingerprint,
+)
 from rayimgcls.infer import ResultDirError, iter_lines, read_manifest
 from rayimgcls.model import ModelError, read_card, write_card
 from rayimgcls.report.evaluation import write_evaluation_report
+from rayimgcls.text import spreadsheet_cell
 
 EXAMPLES = 20  # error lines / unlabelled rows listed in the report
 TUNED_ON_EVALUATED = "some evaluated rows tuned the thresholds: --subset test gives an unbiased figure"
+LABELS_CHANGED = (
+    f"the labels in {LABELS_CSV} changed since inference (its rows and image paths did not): "
+    "scored against its current labels"
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,11 @@ def load_predictions(result_dir: str) -> Predictions:
     return Predictions(manifest, frame, probs.reshape(-1, num_classes))
 
 
-def attach_labels(preds: Predictions, data_root: str) -> pd.DataFrame:
+def attach_labels(preds: Predictions, data_root: str, notes: list[str] | None = None) -> pd.DataFrame:
     """`preds.frame` plus `labels` (list of class ids, None when labels.csv has no row for it), `subset`
-    and `label_row` (its line in labels.csv). Rows join by line number when inference read labels.csv
-    itself, else by the normalised image path."""
+    and `label_row` (its line in labels.csv). Rows join by line number and image_path when inference read
+    labels.csv itself (refused when its rows changed since: see `check_same_rows`), else by the normalised
+    image path. A note for the report is appended to `notes` when the labels changed but the rows did not."""
     model = preds.manifest["model"]
     table = read_csv(data_root, LABELS_CSV)
     labels, problems = check_rows(table, LABELS_CSV, model["num_classes"], model["multilabel"], flag_duplicates=False)
@@ -71,16 +85,48 @@ def attach_labels(preds: Predictions, data_root: str) -> pd.DataFrame:
     )
     source = preds.manifest["input"]
     if source["kind"] == "csv" and normalize_rel(source["csv"]) == LABELS_CSV:
+        predicted = check_same_rows(preds, table)
+        if notes is not None and source.get("labels_sha256") not in (
+            None,
+            rows_fingerprint(predicted["row"], predicted["label"]),
+        ):
+            notes.append(LABELS_CHANGED)
         joined = preds.frame.merge(right.drop(columns="key"), how="left", left_on="row", right_on="label_row")
     else:
         frame = preds.frame.assign(key=preds.frame["input"].map(normalize_rel))
         joined = frame.merge(_unique_paths(right), how="left", on="key").drop(columns="key")
     used = set(joined["label_row"].dropna().astype(int))
-    bad = [p for p in problems if p.line in used]
+    bad = [p for p in problems if p.line in used and p.code not in ("empty_path", "bad_path")]  # labels only:
+    # a bad path is already that row's error line
     if bad:
         raise DatasetError(bad)
     joined["labels"] = joined["labels"].map(lambda x: x if isinstance(x, list) else None)
     return joined
+
+
+def check_same_rows(preds: Predictions, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of labels.csv that inference predicted (its subset), refusing with the difference when they
+    are not the rows it read: a row added, removed or re-pathed shifts every later line, and a join by line
+    would then score each prediction against another image's label. Returns those rows."""
+    source = preds.manifest["input"]
+    current = table if not source.get("subset") else table[table["subset"] == source["subset"]]
+    if rows_fingerprint(current["row"], current["image_path"]) == source["sha256"]:
+        return current
+    before = dict(zip(preds.frame["row"], preds.frame["input"], strict=True))
+    after = dict(zip(current["row"], current["image_path"], strict=True))
+    changes = [
+        f"line {r}: {before[r]!r} -> {after[r]!r}"
+        for r in sorted(before.keys() & after.keys())
+        if before[r] != after[r]
+    ]
+    changes += [f"line {r}: {before[r]!r} no longer there" for r in sorted(before.keys() - after.keys())]
+    changes += [f"line {r}: {after[r]!r} is new" for r in sorted(after.keys() - before.keys())]
+    changes = changes or ["the same lines and paths, in another order"]
+    shown = "\n  ".join(changes[:10]) + (f"\n  ... and {len(changes) - 10} more" if len(changes) > 10 else "")
+    raise ResultDirError(
+        f"{LABELS_CSV} changed since `rayimgcls infer` read it (its rows and image paths, not only labels):\n  "
+        f"{shown}\nrun inference again on the current file (--overwrite) to evaluate it"
+    )
 
 
 def _unique_paths(table: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +169,8 @@ def evaluate(
     preds = load_predictions(result_dir)
     model = preds.manifest["model"]
     data_root = data_root or preds.manifest["input"]["data_root"]
-    joined = attach_labels(preds, data_root)
+    notes: list[str] = []
+    joined = attach_labels(preds, data_root, notes)
     joined["p_index"] = _prob_index(joined)
     selected = joined if subset is None else joined[joined["subset"] == subset]
     failed, unlabelled = selected["error"] != "", (selected["error"] == "") & selected["labels"].isna()
@@ -151,13 +198,14 @@ def evaluate(
         },
         "errors": _examples(selected[failed], ["row", "input", "error"]),
         "unlabelled": _examples(selected[unlabelled], ["row", "input"]),
+        "notes": notes,
     }
     probs = preds.probs[scored["p_index"].to_numpy()]
     names = model["class_names"]
     if model["multilabel"]:
         tuned_here = tune_thresholds and bool((scored["subset"] == "validation").any())
         report["thresholds"] = thresholds
-        report["notes"] = [TUNED_ON_EVALUATED] if tuned_here else []
+        report["notes"] += [TUNED_ON_EVALUATED] if tuned_here else []
         report.update(_multilabel(scored, probs, names, thresholds["values"], worst))
     else:
         report.update(_multiclass(scored, probs, names, worst, confused))
@@ -308,8 +356,9 @@ def _finite(value: Any) -> Any:
 def _write_confusion(result_dir: str, subset: str | None, names: list[str], cm: np.ndarray) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["true \\ predicted", *names])
-    writer.writerows([name, *row] for name, row in zip(names, cm.tolist(), strict=True))
+    cells = [spreadsheet_cell(n) for n in names]  # a class name "=cmd|..." must stay text in a spreadsheet
+    writer.writerow(["true \\ predicted", *cells])
+    writer.writerows([name, *row] for name, row in zip(cells, cm.tolist(), strict=True))
     stem = storage.join(result_dir, _name("confusion_matrix", subset, ""))
     storage.write_text(stem + "csv", buf.getvalue())
     storage.write_bytes(stem + "png", confusion_png(names, cm))
@@ -364,6 +413,7 @@ def format_report(report: dict, rows: int = 10) -> str:
         f"{report['model']['version'][:12]}, subset: {report['subset']})",
         f"rows: {r['selected']} selected, {r['errors']} errors, {r['unlabelled']} without a label "
         f"-> {r['evaluated']} evaluated (error and unlabelled rows are listed in the JSON report)",
+        *(f"note: {n}" for n in report["notes"]),
     ]
     if report["model"]["multilabel"]:
         out.append(
@@ -372,7 +422,6 @@ def format_report(report: dict, rows: int = 10) -> str:
             f"per-image {_f(report['sample_f1'])}"
         )
         out.append(f"thresholds: {report['thresholds']['source']}")
-        out += [f"note: {n}" for n in report["notes"]]
         out += _table(
             ["class", "AP", "precision", "recall", "F1", "support"],
             [[c["class"], c["ap"], c["precision"], c["recall"], c["f1"], c["support"]] for c in report["per_class"]],

@@ -10,13 +10,14 @@ is always complete and `--resume` can skip it.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ import pandas as pd
 
 from rayimgcls import storage
 from rayimgcls.config import InferConfig
-from rayimgcls.dataset import IMAGE_EXTENSIONS, DatasetError, Problem, read_csv
+from rayimgcls.dataset import IMAGE_EXTENSIONS, DatasetError, Problem, read_csv, rows_fingerprint
+from rayimgcls.images import PreprocessConfig
 from rayimgcls.model import ModelCard, check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -83,18 +85,19 @@ def read_inputs(cfg: InferConfig) -> Inputs:
         if df.empty:
             problem = Problem(cfg.csv, None, f"no rows with subset {cfg.subset!r}", "empty_subset")
             raise DatasetError([problem])
+    # The labels' fingerprint lets evaluate say when it scores against labels edited since inference.
+    labels = {"labels_sha256": rows_fingerprint(df["row"], df["label"])}
     return _inputs(
         df[["row", "image_path"]].reset_index(drop=True),
         cfg.data_root,
-        {"kind": "csv", "data_root": cfg.data_root, "csv": cfg.csv, "subset": cfg.subset},
+        {"kind": "csv", "data_root": cfg.data_root, "csv": cfg.csv, "subset": cfg.subset, **labels},
     )
 
 
 def _inputs(frame: pd.DataFrame, root: str, description: dict) -> Inputs:
-    digest = hashlib.sha256()
-    for row, path in zip(frame["row"], frame["image_path"], strict=True):
-        digest.update(f"{row}\t{path}\n".encode())
-    return Inputs(frame, root, {**description, "rows": len(frame), "sha256": digest.hexdigest()})
+    """`sha256` fingerprints the (line, image_path) rows predicted: resume and evaluate compare it."""
+    fingerprint = rows_fingerprint(frame["row"], frame["image_path"])
+    return Inputs(frame, root, {**description, "rows": len(frame), "sha256": fingerprint})
 
 
 def _image_inputs(pattern: str, data_root: str) -> Inputs:
@@ -189,15 +192,23 @@ def plan_shards(rows: np.ndarray, rows_per_shard: int) -> list[Shard]:
     return shards
 
 
+def effective_preprocess(cfg: InferConfig, card: ModelCard) -> PreprocessConfig:
+    """The model's preprocessing, its pixel limit never above this run's --max-pixels."""
+    return dataclasses.replace(card.preprocess, max_pixels=min(card.preprocess.max_pixels, cfg.max_pixels))
+
+
 def build_manifest(cfg: InferConfig, card: ModelCard, inputs: Inputs, shards: list[Shard]) -> dict:
     """What the shards were computed from; `manifest_differences` compares it with a stored one, so
-    `--resume` keeps shards only when they would come out the same."""
+    `--resume` keeps shards only when they would come out the same: the weights' version, and also the
+    kwargs and preprocessing config.json rebuilds them with (either changes every probability)."""
     return {
         "format": FORMAT_VERSION,
         "model": {
             "dir": cfg.model_dir,
             "name": card.model_name,
             "version": card.version,
+            "kwargs": card.model_kwargs,
+            "preprocess": effective_preprocess(cfg, card).to_dict(),
             "num_classes": card.num_classes,
             "multilabel": card.multilabel,
             "class_names": card.class_names,
@@ -214,17 +225,30 @@ def build_manifest(cfg: InferConfig, card: ModelCard, inputs: Inputs, shards: li
     }
 
 
+# Not compared on resume: a moved model directory holds the same model (its version says so), and labels
+# edited since do not change a prediction.
+RESUME_IGNORES = frozenset({("model", "dir"), ("input", "labels_sha256")})
+
+
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Readable differences between a stored manifest and the run asked for. Shards and summary aside, and
-    the model's location: a moved model directory holds the same model (its version says so)."""
+    """Readable differences between a stored manifest and the run asked for (shards and summary aside); a
+    mapping (the model's kwargs, its preprocessing) is compared key by key, so the difference shows."""
     out = []
     for section in ("model", "input", "settings"):
-        before, after = old.get(section, {}), new[section]
-        out += [
-            f"{section}.{k}: {_short(before.get(k))} -> {_short(after[k])}"
-            for k in after
-            if before.get(k) != after[k] and (section, k) != ("model", "dir")
-        ]
+        before, after = old.get(section, {}), json.loads(json.dumps(new[section]))  # tuples as stored: lists
+        for k in after:
+            if before.get(k) == after[k] or (section, k) in RESUME_IGNORES:
+                continue
+            was, now = before.get(k), after[k]
+            if isinstance(was, dict) and isinstance(now, dict):
+                keys = sorted(set(was) | set(now), key=lambda x: (x not in now, str(x)))
+                out += [
+                    f"{section}.{k}.{j}: {_short(was.get(j))} -> {_short(now.get(j))}"
+                    for j in keys
+                    if was.get(j) != now.get(j)
+                ]
+            else:
+                out.append(f"{section}.{k}: {_short(was)} -> {_short(now)}")
     return out
 
 
@@ -269,14 +293,15 @@ def iter_lines(result_dir: str, manifest: dict) -> Iterator[dict]:
                 raise ResultDirError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
-def prepare_result_dir(cfg: InferConfig, manifest: dict) -> set[int]:
+def prepare_result_dir(cfg: InferConfig, manifest: dict, rows: np.ndarray) -> set[int]:
     """Refuse a non-empty result dir unless --overwrite (delete our files, keep the rest) or --resume (keep
-    the complete shards of an identical run). Returns the indices of the shards to keep."""
+    the complete shards of an identical run that hold exactly their planned rows). Returns the indices of
+    the shards to keep."""
     files = storage.list_files(cfg.result_dir)
     if not files:
         return set()
     if cfg.resume:
-        return _resumable(cfg.result_dir, files, manifest)
+        return _resumable(cfg.result_dir, files, manifest, rows)
     if not cfg.overwrite:
         raise ResultDirError(
             f"{cfg.result_dir} is not empty ({len(files)} files, e.g. {files[0]}); "
@@ -288,7 +313,7 @@ def prepare_result_dir(cfg: InferConfig, manifest: dict) -> set[int]:
     return set()
 
 
-def _resumable(result_dir: str, files: list[str], manifest: dict) -> set[int]:
+def _resumable(result_dir: str, files: list[str], manifest: dict, rows: np.ndarray) -> set[int]:
     if MANIFEST not in files:
         raise ResultDirError(f"{result_dir}: cannot resume, there is no {MANIFEST} (not our output?)")
     diffs = manifest_differences(read_manifest(result_dir), manifest)
@@ -301,34 +326,102 @@ def _resumable(result_dir: str, files: list[str], manifest: dict) -> set[int]:
     for name in files:  # partial shards and merged output of the interrupted run
         if OWN_FILE.fullmatch(name) and (name.endswith(TMP_SUFFIX) or ".tmp-" in name or name == MERGED):
             storage.delete_file(storage.join(result_dir, name))
-    present = set(files)
-    return {s["index"] for s in manifest["shards"] if s["file"] in present}
+    present, keep = set(files), set()
+    for s in manifest["shards"]:
+        if s["file"] not in present:
+            continue
+        problem = shard_mismatch(storage.read_bytes(storage.join(result_dir, s["file"])), rows[s["start"] : s["stop"]])
+        if problem:
+            logger.warning("%s: %s; computing it again", s["file"], problem)
+            storage.delete_file(storage.join(result_dir, s["file"]))
+        else:
+            keep.add(s["index"])
+    return keep
+
+
+# The "row" key of a line as json.dumps writes it (prediction_line / error_line): after "{" or ", ", which
+# inside a JSON string could only appear with the quote escaped.
+_ROW_KEY = re.compile(rb'(?:^\{|, )"row": (-?\d+)[,}]')
+
+
+def shard_mismatch(data: bytes, planned: np.ndarray) -> str | None:
+    """Why a shard's bytes are not exactly one line per planned row, in order; None when they are."""
+    lines = data.split(b"\n")
+    if lines[-1]:
+        return "the last line is cut short"
+    found = []
+    for n, line in enumerate(lines[:-1], start=1):
+        keys = _ROW_KEY.findall(line)
+        if len(keys) != 1:
+            return f"line {n} is not one of our prediction lines"
+        found.append(int(keys[0]))
+    return _rows_mismatch(found, planned)
+
+
+def _rows_mismatch(found: list[int], planned: np.ndarray) -> str | None:
+    if found == planned.tolist():
+        return None
+    want, have = set(planned.tolist()), Counter(found)
+    missing = sorted(want - set(have))
+    extra = sorted(r for r in have if r not in want)
+    doubled = sorted(r for r, c in have.items() if c > 1 and r in want)
+    parts = [f"{len(found)} lines for {len(planned)} rows"]
+    parts += [
+        f"{what} row(s) {_few(rs)}"
+        for what, rs in (("missing", missing), ("unplanned", extra), ("repeated", doubled))
+        if rs
+    ]
+    return ", ".join(parts) if len(parts) > 1 else parts[0] + ", out of order"
+
+
+def _few(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:5])) + (f" (+{len(rows) - 5})" if len(rows) > 5 else "")
+
+
+def check_complete(result_dir: str, shards: list[Shard]) -> None:
+    """The end-of-run check: every planned shard is there (each was checked row by row as it was written)."""
+    present = set(storage.list_files(result_dir))
+    missing = [s.file for s in shards if s.file not in present]
+    if missing:
+        raise PipelineError(
+            f"{result_dir}: {len(missing)} planned shard(s) missing after the run ({', '.join(missing[:3])}); "
+            "re-run with --resume"
+        )
 
 
 class ShardWriter:
-    """Collects lines by input row and writes each shard (temporary name, then rename) once it is whole."""
+    """Collects lines by input row and writes each shard (temporary name, then rename) once every one of its
+    planned rows has a line. Complete is counted by row number, not by lines: a row that came back twice (a
+    retried Ray task) is kept once and can never stand in for a missing one."""
 
     def __init__(self, result_dir: str, shards: list[Shard], rows: np.ndarray, rows_per_shard: int) -> None:
         self.result_dir, self.shards, self.rows = result_dir, shards, rows
         self.rows_per_shard = rows_per_shard
-        self.pending: dict[int, list[tuple[int, str]]] = {}
+        self.pending: dict[int, dict[int, str]] = {}
 
     def add(self, rows: np.ndarray, lines: np.ndarray) -> list[Shard]:
         """Route lines to their shards; return the shards this completed (and wrote)."""
         done = []
-        shard_of = np.searchsorted(self.rows, rows) // self.rows_per_shard
-        for k, row, line in zip(shard_of, rows, lines, strict=True):
-            bucket = self.pending.setdefault(int(k), [])
-            bucket.append((int(row), line))
-            shard = self.shards[int(k)]
+        position = np.searchsorted(self.rows, rows)
+        for pos, row, line in zip(position, rows, lines, strict=True):
+            if pos >= len(self.rows) or self.rows[pos] != row:
+                raise PipelineError(f"the pipeline returned row {row}, which is not an input row (a bug)")
+            k = int(pos) // self.rows_per_shard
+            bucket = self.pending.setdefault(k, {})
+            bucket.setdefault(int(row), line)
+            shard = self.shards[k]
             if len(bucket) == shard.stop - shard.start:
-                self._write(shard, sorted(self.pending.pop(int(k))))
+                self._write(shard, self.pending.pop(k))
                 done.append(shard)
         return done
 
-    def _write(self, shard: Shard, lines: list[tuple[int, str]]) -> None:
+    def _write(self, shard: Shard, lines: dict[int, str]) -> None:
+        planned = self.rows[shard.start : shard.stop]
+        found = sorted(lines)
+        if problem := _rows_mismatch(found, planned):  # cannot happen by construction; cheap to make sure
+            raise PipelineError(f"{shard.file}: {problem} (a bug)")
         final = storage.join(self.result_dir, shard.file)
-        storage.write_text(final + TMP_SUFFIX, "".join(line + "\n" for _, line in lines))
+        storage.write_text(final + TMP_SUFFIX, "".join(lines[r] + "\n" for r in found))
         storage.rename(final + TMP_SUFFIX, final)
 
 
@@ -448,7 +541,7 @@ def predictions_dataset(frame: pd.DataFrame, data_root: str, card: ModelCard, cf
 
     from rayimgcls.data import DecodeSpec, image_dataset
 
-    spec = DecodeSpec(data_root, cfg.images or cfg.csv, card.preprocess, on_error="keep")
+    spec = DecodeSpec(data_root, cfg.images or cfg.csv, effective_preprocess(cfg, card), on_error="keep")
     return image_dataset(frame, spec, num_cpus=pool.decode_cpus).map_batches(
         PredictLines,
         batch_size=cfg.batch_size,
@@ -572,7 +665,7 @@ def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
     rows = inputs.frame["row"].to_numpy()
     shards = plan_shards(rows, cfg.rows_per_shard)
     manifest = build_manifest(cfg, card, inputs, shards)
-    keep = prepare_result_dir(cfg, manifest)
+    keep = prepare_result_dir(cfg, manifest, rows)
     storage.makedirs(cfg.result_dir)
     write_manifest(cfg.result_dir, manifest)
     todo = [s for s in shards if s.index not in keep]
@@ -594,6 +687,7 @@ def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
         frame = pd.concat([inputs.frame.iloc[s.start : s.stop] for s in todo], ignore_index=True)
         _predict_into(frame, inputs, card, cfg, shards, rows, summary)
         summary.seconds = time.perf_counter() - start
+    check_complete(cfg.result_dir, shards)
     if cfg.merge:
         summary.merged = merge_shards(cfg.result_dir, manifest["shards"])
     manifest.update(complete=True, summary=summary.to_dict())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ import torch
 from PIL import Image, ImageOps
 
 from rayimgcls import storage
-from rayimgcls.images import PreprocessConfig, normalize, preprocess, to_chw_uint8
+from rayimgcls.config import PRECISIONS, model_problems
+from rayimgcls.images import PreprocessConfig, eval_transform, normalize, preprocess, to_chw_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ def create_model(
     """A randomly initialised timm model and the exact kwargs that rebuild it (stored in config.json)."""
     import timm
 
-    kwargs: dict[str, Any] = {"num_classes": num_classes, **(model_kwargs or {})}
+    kwargs: dict[str, Any] = {**(model_kwargs or {}), "num_classes": num_classes}
+    if problems := model_problems(name, kwargs):  # nothing but an architecture reaches timm
+        raise ModelError("; ".join(problems))
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
     if dropout_rate:
@@ -98,10 +102,10 @@ class ModelCard:
     versions: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.class_names) != self.num_classes:
-            raise ModelError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if self.multilabel and not self.thresholds:
             self.thresholds = [0.5] * self.num_classes
+        if problems := card_problems(self):
+            raise ModelError("; ".join(problems))
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -111,20 +115,88 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str, source: str = CONFIG_FILE) -> ModelCard:
+        """Parse and check config.json: it is untrusted input (see card_problems)."""
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise ModelError(f"{source}: expected a JSON object, found {type(d).__name__}")
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise ModelError(f"{source}: schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             d.pop("schema_version")
-            model = d.pop("model")
-            return cls(
-                model_name=model["name"],
-                model_kwargs=model["kwargs"],
-                preprocess=PreprocessConfig.from_dict(d.pop("preprocess")),
-                **d,
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            model, pre = d.pop("model"), d.pop("preprocess")
+            if not isinstance(model, dict) or not isinstance(pre, dict):
+                raise TypeError("model and preprocess must be objects")
+            return cls(model_name=model["name"], model_kwargs=model["kwargs"], preprocess=_preprocess(pre), **d)
+        except ModelError as e:
+            raise ModelError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{source}: not a rayimgcls model config ({type(e).__name__}: {e})") from None
+
+
+def _preprocess(d: dict) -> PreprocessConfig:
+    """PreprocessConfig from config.json, refusing values the transform cannot take (its own check)."""
+    mean, std = d.get("mean"), d.get("std")
+    problems = [
+        f"preprocess.{k}={_short(v)}: expected three finite numbers" + (" > 0" if k == "std" else "")
+        for k, v in (("mean", mean), ("std", std))
+        if not (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            and (k == "mean" or min(v) > 0)
+        )
+    ]
+    size, crop, pixels = d.get("input_size"), d.get("crop_pct"), d.get("max_pixels", 1)
+    if not (_integer(size) and 1 <= size <= 4096):
+        problems.append(f"preprocess.input_size={_short(size)}: expected an integer 1..4096")
+    if not (isinstance(crop, int | float) and not isinstance(crop, bool) and 0 < crop <= 1):
+        problems.append(f"preprocess.crop_pct={_short(crop)}: allowed 0 < x <= 1")
+    if not (_integer(pixels) and pixels >= 1):
+        problems.append(f"preprocess.max_pixels={_short(pixels)}: expected an integer >= 1")
+    if problems:
+        raise ModelError("; ".join(problems))
+    pre = PreprocessConfig.from_dict(d)
+    try:
+        eval_transform(pre)  # refuses an interpolation or crop mode it does not know, naming the allowed ones
+    except ValueError as e:
+        raise ModelError(f"preprocess: {e}") from None
+    return pre
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, str | int | float | list | type(None)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def card_problems(card: ModelCard) -> list[str]:
+    """What makes a card unusable: a source or kwarg timm would open files for (config.model_problems), a
+    class count the names or thresholds disagree with, an unknown precision."""
+    problems = model_problems(card.model_name, card.model_kwargs)
+    n = card.num_classes
+    if not (_integer(n) and n >= 1):
+        return [*problems, f"num_classes={_short(n)}: expected an integer >= 1"]
+    if not isinstance(card.class_names, list) or not all(isinstance(c, str) for c in card.class_names):
+        problems.append("class_names: expected a list of strings")
+    elif len(card.class_names) != n:
+        problems.append(f"{len(card.class_names)} class names for {n} classes")
+    if isinstance(card.model_kwargs, dict) and card.model_kwargs.get("num_classes", n) != n:
+        problems.append(f"model.kwargs.num_classes={card.model_kwargs['num_classes']!r} but num_classes={n}")
+    thresholds = card.thresholds
+    if not isinstance(thresholds, list) or not all(
+        isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds
+    ):
+        problems.append("thresholds: expected numbers in [0, 1]")
+    elif card.multilabel and len(thresholds) != n:
+        problems.append(f"{len(thresholds)} thresholds for {n} classes")
+    if not isinstance(card.multilabel, bool):
+        problems.append(f"multilabel={_short(card.multilabel)}: expected true or false")
+    if card.precision not in PRECISIONS:
+        problems.append(f"precision={_short(card.precision)}: allowed {' | '.join(PRECISIONS)}")
+    return problems
 
 
 def library_versions() -> dict[str, str]:
@@ -151,10 +223,23 @@ def save_model_dir(model: torch.nn.Module, card: ModelCard, out_dir: str | os.Pa
 
 
 def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    """The checked card of a model directory; one without a version (the weights' sha256) is refused: its
+    weights could not be verified, and a result dir could not say which model made it."""
     path = storage.join(model_dir, CONFIG_FILE)
     if not storage.exists(path):
         raise ModelError(f"{model_dir} is not a model directory: {CONFIG_FILE} not found")
-    return ModelCard.from_json(storage.read_text(path), path)
+    try:
+        text = storage.read_text(path)
+    except storage.TextEncodingError as e:
+        raise ModelError(str(e)) from None
+    card = ModelCard.from_json(text, path)
+    if not (isinstance(card.version, str) and len(card.version) == 64 and _is_hex(card.version)):
+        raise ModelError(f"{path}: version {_short(card.version)} is not the sha256 of {WEIGHTS_FILE}")
+    return card
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def write_card(model_dir: str | os.PathLike, card: ModelCard) -> None:
@@ -165,9 +250,42 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     """The card of a model directory whose weights file exists: what a driver checks before it starts
     workers that would each fail to load it."""
     card = read_card(model_dir)
-    if not storage.exists(storage.join(model_dir, WEIGHTS_FILE)):
+    weights = storage.join(model_dir, WEIGHTS_FILE)
+    if not storage.exists(weights):
         raise ModelError(f"{model_dir}: {WEIGHTS_FILE} not found")
+    check_weights_fit(weights, card)
     return card
+
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
+
+
+def check_weights_fit(weights: str, card: ModelCard) -> None:
+    """Compare the tensor names and shapes in the safetensors header (read alone: the first 8 + n bytes)
+    with the model config.json describes, built on the meta device (no memory, no weights): a head of 4
+    classes under a card of 5 is refused here, not in every worker that loads it."""
+    head = storage.read_range(weights, 0, 8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise ModelError(f"{weights}: not a safetensors file")
+    try:
+        header = json.loads(storage.read_range(weights, 8, size))
+        found = {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ModelError(f"{weights}: not a safetensors file (its header is not readable)") from None
+    with torch.device("meta"):
+        model, _ = create_model(card.model_name, num_classes=card.num_classes, model_kwargs=card.model_kwargs)
+    wanted = {k: list(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k} missing" for k in wanted if k not in found]
+    problems += [f"{k} unexpected" for k in found if k not in wanted]
+    problems += [f"{k} is {found[k]}, the model needs {v}" for k, v in wanted.items() if k in found and found[k] != v]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelError(
+            f"{weights} does not fit {CONFIG_FILE} ({card.model_name}, num_classes={card.num_classes}): "
+            + "; ".join(problems[:3])
+            + more
+        )
 
 
 def load_model_dir(
@@ -182,7 +300,10 @@ def load_model_dir(
     if card.version and hashlib.sha256(weights).hexdigest() != card.version:
         raise ModelError(f"{weights_path} does not match the version in {CONFIG_FILE} (changed or corrupt)")
     model, _ = create_model(card.model_name, num_classes=card.num_classes, model_kwargs=card.model_kwargs)
-    model.load_state_dict(load(weights), strict=True)
+    try:
+        model.load_state_dict(load(weights), strict=True)
+    except RuntimeError as e:  # shapes or names that do not match config.json (check_weights_fit says which)
+        raise ModelError(f"{weights_path} does not fit {CONFIG_FILE}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), card
 
 

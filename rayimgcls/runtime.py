@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 
 from rayimgcls.config import ConfigError
@@ -14,6 +15,13 @@ logger = logging.getLogger(__name__)
 
 class ResourceError(RuntimeError):
     """A request for more CPUs or GPUs than the cluster has or can scale to."""
+
+
+class ClusterError(RuntimeError):
+    """A Ray address that does not answer; the message names it and what to do."""
+
+
+CONNECT_TIMEOUT_S = 5.0  # an address that accepts no connection in this long is reported, not waited on
 
 
 # The S3 settings storage.py reads. Workers on other machines need the driver's values: without them they
@@ -69,14 +77,86 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
     check_address(address)
     if ray.is_initialized():
         return
-    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    target = resolve_address(address)
+    joining = target != "local"  # None: the cluster `ray start` recorded, which answers
     if joining and JOB_CONFIG_ENV not in os.environ:
         runtime_env = with_s3_env(runtime_env)
-    kwargs: dict = {"address": address or None, "runtime_env": runtime_env}
+    kwargs: dict = {"address": target, "runtime_env": runtime_env}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        hint = (
+            ""
+            if os.environ.get("RAY_AUTH_MODE")
+            else ("; a cluster with token authentication (`ray start`'s default) needs RAY_AUTH_MODE=token here")
+        )
+        raise ClusterError(f"cannot join the Ray cluster at {target or 'auto'}: {e}{hint}") from None
     logger.info("Ray %s: %s", "connected" if joining else "started locally", ray.cluster_resources())
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The address for `ray.init`, checked to answer first, because `ray.init` waits on a dead one for
+    minutes (and Ctrl-C does not stop it).
+
+    No address (and no RAY_ADDRESS): Ray's convention is to join the cluster `ray start` recorded in
+    `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`; we join it when it answers, and when it does not (a
+    head that was killed without `ray stop`) we warn, naming it, and start a fresh local Ray instead.
+    An address given explicitly (`--address`, RAY_ADDRESS, `auto` with a record) that does not answer
+    within CONNECT_TIMEOUT_S is a ClusterError naming it. Inside `ray job submit` Ray's own address is used.
+    """
+    from ray._common.utils import get_ray_address_file
+
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    if JOB_CONFIG_ENV in os.environ or given == "local":
+        return given
+    record_file = get_ray_address_file(None)
+    record = _read_record(record_file)
+    if given is None:
+        if record is None:
+            return "local"
+        if _answers(record):
+            # Ray joins its record itself (and then, unlike for an address we pass, uses the token `ray start` made)
+            logger.info("joining the Ray cluster at %s (`ray start`'s record; --address local: a separate one)", record)
+            return None
+        logger.warning(
+            "ignoring %s: it names a Ray cluster at %s that does not answer (a `ray start` head stopped without "
+            "`ray stop`, which removes the record); starting a local Ray instead",
+            record_file,
+            record,
+        )
+        return "local"
+    target = record if given == "auto" and record else given
+    if (given != "auto" or record) and not _answers(target):
+        source = f" (from {record_file})" if target == record and given == "auto" else ""
+        raise ClusterError(
+            f"Ray cluster at {target}{source} does not answer (no connection within {CONNECT_TIMEOUT_S:g} s): "
+            "start it, correct --address / RAY_ADDRESS, or use --address local for a local Ray"
+            + ("; `ray stop` removes a dead cluster's record" if source else "")
+        )
+    return given
+
+
+def _read_record(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _answers(address: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether something accepts a TCP connection at a Ray address (host:port, ray://host:port)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not host:port: let ray.init judge it (and say what is wrong)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def max_resources() -> dict[str, float]:

@@ -7,17 +7,86 @@ AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which pyarrow reads it
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+T = TypeVar("T")
+
 
 class PathEscapeError(ValueError):
-    """An image path that resolves outside its data root."""
+    """An image path that cannot be used: it resolves outside its data root (`code` "path_escape"), or holds
+    a control character, which no real file name has (`code` "bad_path")."""
+
+    def __init__(self, message: str, code: str = "path_escape") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StorageError(OSError):
+    """A path or URI the user gave that cannot be read or written: not found, a directory where a file should
+    be, permission denied, no such bucket, access denied, an unreachable endpoint. The message names the path;
+    `reason` is the short cause ("not found", ...) for per-row reports. Our own file handling outside this
+    module raises the plain OSError subclasses, so a bug never passes for a user's mistake."""
+
+    def __init__(self, path: str, reason: str, code: int | None = None) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.errno = path, reason, code
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    @property
+    def missing(self) -> bool:
+        return self.errno == errno.ENOENT
+
+
+def _reason(e: Exception) -> tuple[str, int | None]:
+    """A short cause for an OSError from the OS or from pyarrow (whose S3 errors carry AWS's error name)."""
+    text = str(e)
+    if isinstance(e, FileNotFoundError) or "Path does not exist" in text or "NoSuchKey" in text:
+        return "not found", errno.ENOENT
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a file", e.errno
+    if isinstance(e, NotADirectoryError):
+        return "a part of the path is a file, not a directory", e.errno
+    if isinstance(e, PermissionError):
+        return "permission denied", e.errno
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:], e.errno
+    return (text.strip() or type(e).__name__).splitlines()[0], getattr(e, "errno", None)
+
+
+@contextlib.contextmanager
+def _named(path: str | os.PathLike) -> Iterator[None]:
+    """OSError (and pyarrow's ValueError for a malformed URI or a NUL in a path) -> StorageError naming `path`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ValueError) as e:
+        if isinstance(e, PathEscapeError):
+            raise
+        reason, code = _reason(e)
+        raise StorageError(str(path), reason, code) from None
+
+
+def _user_path(fn: Callable[..., T]) -> Callable[..., T]:
+    """Report any OSError of `fn(path, ...)` as a StorageError naming the path."""
+
+    @functools.wraps(fn)
+    def wrapper(path: str | os.PathLike, *args, **kwargs) -> T:
+        with _named(path):
+            return fn(path, *args, **kwargs)
+
+    return wrapper
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -88,6 +157,13 @@ def join(root: str | os.PathLike, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts) if is_uri(root) else os.path.join(root, *parts)
 
 
+def control_character(rel: str) -> str | None:
+    """Why `rel` cannot be a file name we open: a NUL or another control character (a NUL is also where the
+    OS would cut the name short). None for an ordinary name."""
+    bad = next((c for c in rel if not c.isprintable() and c != " "), None)
+    return None if bad is None else f"the path contains the control character {bad!r}"
+
+
 def resolve_under(root: str | os.PathLike, rel: str) -> str:
     """The location of `rel` inside `root`, refusing anything that lands outside it.
 
@@ -97,6 +173,8 @@ def resolve_under(root: str | os.PathLike, rel: str) -> str:
     root = str(root)
     if not rel or not rel.strip():
         raise PathEscapeError("empty image path")
+    if (reason := control_character(rel)) is not None:
+        raise PathEscapeError(reason, "bad_path")
     if is_uri(rel):
         raise PathEscapeError(f"image path {rel!r} is a URI; paths must be relative to the data root")
     if is_uri(root):
@@ -113,6 +191,7 @@ def resolve_under(root: str | os.PathLike, rel: str) -> str:
     return real
 
 
+@_user_path
 def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_uri(path):
         return Path(path).read_bytes()
@@ -121,8 +200,48 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
+@_user_path
+def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
+    """`length` bytes from `offset` (fewer at the end of the file), without reading the rest."""
+    if not is_uri(path):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as f:
+        return f.read_at(length, offset)
+
+
 def read_text(path: str | os.PathLike) -> str:
-    return read_bytes(path).decode("utf-8-sig")  # Excel writes a BOM in front of CSV files
+    """The file as UTF-8 text (a BOM, which Excel writes in front of CSV files, is dropped). Any other
+    encoding is a TextEncodingError naming the file and the first line that is not UTF-8."""
+    return decode_text(read_bytes(path), str(path))
+
+
+class TextEncodingError(ValueError):
+    """A text file that is not UTF-8 (a spreadsheet's cp1252 or UTF-16 export); names the line."""
+
+    def __init__(self, path: str, line: int, message: str) -> None:
+        super().__init__(f"{path}:{line}: {message}")
+        self.path, self.line, self.message = path, line, message
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 (BOM allowed) bytes -> str; TextEncodingError for UTF-16 and for bytes that are not UTF-8."""
+    save_as = "save it as UTF-8 (in Excel: CSV UTF-8)"
+    first_line = data[: data.find(b"\n")] if b"\n" in data else data
+    if data.startswith(UTF16_BOMS) or b"\x00" in first_line[:200] and first_line.count(b"\x00") * 3 > len(first_line):
+        raise TextEncodingError(name, 1, f"the file is UTF-16, not UTF-8: {save_as}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TextEncodingError(
+            name, line, f"byte {data[e.start]:#04x} is not UTF-8 (a cp1252/Latin-1 export?): {save_as}"
+        ) from None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -130,6 +249,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     write_chunks(path, [data])
 
 
+@_user_path
 def write_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
     """`write_bytes` for data streamed in pieces (a merged file larger than memory), equally atomic."""
     if not is_uri(path):
@@ -151,6 +271,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+@_user_path
 def exists(path: str | os.PathLike) -> bool:
     if not is_uri(path):
         return os.path.exists(path)
@@ -158,6 +279,7 @@ def exists(path: str | os.PathLike) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+@_user_path
 def list_files(path: str | os.PathLike) -> list[str]:
     """Names (not paths) of the files directly inside a directory; [] when it does not exist."""
     if not is_uri(path):
@@ -167,6 +289,7 @@ def list_files(path: str | os.PathLike) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
+@_user_path
 def walk_files(path: str | os.PathLike) -> list[str]:
     """Paths (relative to `path`, '/'-separated, sorted) of every file below a directory; [] when none."""
     if not is_uri(path):
@@ -177,6 +300,7 @@ def walk_files(path: str | os.PathLike) -> list[str]:
     return sorted(posixpath.relpath(i.path, inner) for i in infos if i.type == pafs.FileType.File)
 
 
+@_user_path
 def delete_file(path: str | os.PathLike) -> None:
     if not is_uri(path):
         Path(path).unlink(missing_ok=True)
@@ -185,6 +309,7 @@ def delete_file(path: str | os.PathLike) -> None:
     fs.delete_file(inner)
 
 
+@_user_path
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Rename within one filesystem (on S3 a copy + delete, which is how shards become visible whole)."""
     if not is_uri(src):
@@ -194,6 +319,7 @@ def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     fs.move(src_inner, filesystem(dst)[1])
 
 
+@_user_path
 def makedirs(path: str | os.PathLike) -> None:
     if not is_uri(path):
         os.makedirs(path, exist_ok=True)

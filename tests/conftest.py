@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,25 @@ def odd_images(tmp_path_factory) -> Path:
     (root / "predictions.csv").write_text("\n".join(lines) + "\n")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m rayimgcls ARGS` in a subprocess, as a user runs it (env: variables added to this one's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "rayimgcls", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def copy_images(root: Path, shapes_root: Path, n: int) -> list[Path]:
+    """The first `n` shapes images copied into root/images/; returns the copies."""
+    import shutil
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(f, root / "images" / f.name)) for f in sorted((shapes_root / "images").iterdir())[:n]]
 
 
 def free_port() -> int:

@@ -183,3 +183,97 @@ def test_from_folders_converts_an_imagefolder_tree(tmp_path, jpeg):
     in_place = from_folders(str(src), str(src))
     assert in_place["image_path"].str.startswith(("bird/", "cat/", "dog/")).all()
     shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile CSVs through `rayimgcls validate` (issue 10, items 1-3): each names the file and line, exits non-zero
+# and never prints a traceback.
+
+
+def _validate(root: Path) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from rayimgcls.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(root)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception  # no traceback
+    return result.exit_code, result.output
+
+
+def _rows(n: int) -> list[str]:
+    return [f"images/a{i}.jpg,{i % 2},train,row {i}" for i in range(n)]
+
+
+HEADER = "image_path,label,subset,metadata"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        # an unterminated quote used to swallow every later row into one field (and validate said OK)
+        ([HEADER, *_rows(2), '"images/a2.jpg,0,train,x', *_rows(3)], "labels.csv:4: a quote opened on line 4"),
+        # past 128 KiB the csv module raised a _csv.Error traceback
+        ([HEADER, '"images/a2.jpg,0,train,x', *_rows(6000)], "labels.csv:2: a field starting on line 2 runs past"),
+        # a quote closed later in the file swallows the rows between, then trips the csv module
+        ([HEADER, '"images/a0.jpg,0,train', *_rows(2), 'images/b.jpg",1,train,x'], "labels.csv:2:"),
+        ([HEADER, *_rows(2), "images/x.jpg,1,train,a,b"], "labels.csv:4: 5 fields, the header has 4"),
+        ([HEADER + ",label", *_rows(2)], "labels.csv:1: column 'label' appears 2 times"),
+    ],
+    ids=["unterminated-quote", "unterminated-past-field-limit", "quote-closed-later", "extra-fields", "dup-column"],
+)
+def test_malformed_csv_structure_is_named(tmp_path, jpeg, lines, expected):
+    images = {f"images/a{i}.jpg": jpeg for i in range(3)}
+    write_root(tmp_path, "\n".join(lines) + "\n", images)
+    code, output = _validate(tmp_path)
+    assert code == 2 and expected in output, output
+
+
+@pytest.mark.parametrize(
+    ("encoding", "expected"),
+    [("cp1252", "labels.csv:3: byte 0xe9 is not UTF-8"), ("utf-16", "labels.csv:1: the file is UTF-16")],
+)
+def test_spreadsheet_encodings_name_the_line(tmp_path, jpeg, encoding, expected):
+    write_root(tmp_path, "", {"images/a0.jpg": jpeg})
+    text = f"{HEADER}\nimages/a0.jpg,0,train,plain\nimages/a0.jpg,1,test,café\n"
+    (tmp_path / "labels.csv").write_bytes(text.encode(encoding))
+    code, output = _validate(tmp_path)
+    assert code == 2 and expected in output, output
+    (tmp_path / "labels.csv").write_bytes(text.encode("utf-8-sig"))  # Excel's "CSV UTF-8": a BOM, accepted
+    assert read_csv(str(tmp_path))["metadata"].tolist() == ["plain", "café"]
+
+
+def test_control_characters_in_image_path_are_a_named_bad_row(tmp_path, jpeg):
+    write_root(tmp_path, "", {"images/a0.jpg": jpeg})
+    (tmp_path / "labels.csv").write_bytes(
+        f"{HEADER}\nimages/a0.jpg,0,train,\nimages/a\x00.jpg,1,train,\nimages/\x1b[2Jx.jpg,1,test,\n".encode()
+    )
+    code, output = _validate(tmp_path)
+    assert code == 1, output
+    assert "labels.csv:3: images/a\\x00.jpg: the path contains the control character '\\x00'" in output
+    assert "labels.csv:4: images/\\x1b[2Jx.jpg:" in output and "\x1b" not in output  # escaped for the terminal
+    assert output.count("[bad_path]") == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_label_is_refused_in_constant_memory(tmp_path, jpeg):
+    """One label 99999999999 made validate build a class name per integer (past 60 s)."""
+    import time
+
+    csv_text = f"{HEADER}\nimages/a0.jpg,0,train,\nimages/a0.jpg,99999999999,test,\n"
+    write_root(tmp_path, csv_text, {"images/a0.jpg": jpeg})
+    start = time.monotonic()
+    code, output = _validate(tmp_path)
+    assert time.monotonic() - start < 20
+    assert code == 1 and "labels.csv:3: images/a0.jpg: label 99999999999 outside [0, 0] (at most 1000" in output
+    (tmp_path / "labels.csv").write_text(f"{HEADER}\nimages/a0.jpg,{'9' * 100_000},train,\n")
+    code, output = _validate(tmp_path)
+    assert code == 1 and "labels.csv:2: images/a0.jpg: label 99999999999999999... outside [0, 0] (at most" in output
+
+
+def test_more_than_1000_classes_are_refused(tmp_path, jpeg):
+    write_root(tmp_path, f"{HEADER}\nimages/a0.jpg,0,train,\n", {"images/a0.jpg": jpeg})
+    with pytest.raises(DatasetError, match=r"num_intended_classes=1500 \(given\): allowed 1..1000 classes"):
+        resolve_classes(str(tmp_path), [[0]], 1500)
+    (tmp_path / "class_to_idx.json").write_text(json.dumps({f"c{i}": i for i in range(1001)}))
+    with pytest.raises(DatasetError, match="1001 classes from class_to_idx.json: allowed 1..1000"):
+        resolve_classes(str(tmp_path), [[0]])

@@ -12,7 +12,7 @@ from conftest import TINY_VIT
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
-from rayimgcls.dataset import DatasetError
+from rayimgcls.dataset import DatasetError, rows_fingerprint
 from rayimgcls.evaluate import TUNED_ON_EVALUATED, evaluate, format_report
 from rayimgcls.infer import ResultDirError
 from rayimgcls.model import ModelError, make_untrained_model_dir, read_card
@@ -70,7 +70,14 @@ def write_result(
         "shards": shards,
         "complete": True,
         "settings": {"precision": "fp32", "top_k": 5, "rows_per_shard": per_shard},
-        "input": {"kind": "csv", "data_root": str(root), "csv": csv, "subset": None, "rows": len(lines), "sha256": "-"},
+        "input": {
+            "kind": "csv",
+            "data_root": str(root),
+            "csv": csv,
+            "subset": None,
+            "rows": len(lines),
+            "sha256": rows_fingerprint([x["row"] for x in lines], [x["input"] for x in lines]),
+        },
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
 
@@ -305,3 +312,55 @@ def test_tuned_thresholds_are_used_by_infer(ray_session, multilabel_model_dir, m
     for x in lines:
         above = np.array(x["predictions"]) >= np.array(thresholds)
         assert x["labels"] == [str(c) for c in np.flatnonzero(above)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs changed since inference; output safe to open and to print (issue 10, items 8 and 10)
+
+
+def _stamp_labels(out: Path, rows: list[tuple[str, str, str]]) -> None:
+    """What infer records of the labels it read (their fingerprint), added to a hand-written manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["input"]["labels_sha256"] = rows_fingerprint(range(2, len(rows) + 2), [label for _, label, _ in rows])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_rows_changed_since_inference_are_refused_with_the_difference(multiclass_result) -> None:
+    root, out = multiclass_result
+    write_labels(root, [LABELS[0], ("new.jpg", "1", "test"), *LABELS[1:]])  # a row inserted at line 3
+    result = CliRunner().invoke(app, ["evaluate", "--result-dir", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "labels.csv changed since `rayimgcls infer` read it" in result.output
+    assert "line 3: 'b.jpg' -> 'new.jpg'" in result.output and "line 9: 'g.jpg' is new" in result.output
+    assert not (out / "evaluation.json").exists()
+
+
+def test_changed_labels_with_the_same_rows_are_scored_and_said(multiclass_result) -> None:
+    root, out = multiclass_result
+    _stamp_labels(out, LABELS)
+    assert evaluate(str(out))["notes"] == []
+    relabelled = [("b.jpg", "1", "test") if p == "b.jpg" else (p, label, s) for p, label, s in LABELS]
+    write_labels(root, relabelled)  # b.jpg was predicted "dog": now right
+    result = CliRunner().invoke(app, ["evaluate", "--result-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "note: the labels in labels.csv changed since inference (its rows and image paths did not)" in result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["accuracy"] == pytest.approx(5 / 6) and report["notes"]
+
+
+def test_confusion_matrix_cells_and_printed_paths_are_safe(tmp_path) -> None:
+    root, out = tmp_path / "data", tmp_path / "out"
+    names = ['=HYPERLINK("http://x","y")', "@SUM(A1)", "-2+3"]
+    rows = [("\x1b[2Ja.jpg", "0", "test"), ("b.jpg", "1", "test"), ("c.jpg", "2", "test")]
+    write_labels(root, rows)
+    lines = [{"input": p, "predictions": [0.2, 0.3, 0.5], "top_k": [], "row": r} for r, (p, _, _) in enumerate(rows, 2)]
+    write_result(out, root, multiclass_model(class_names=names), lines)
+    result = CliRunner().invoke(app, ["evaluate", "--result-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\\x1b[2Ja.jpg" in result.output
+    import csv
+
+    with (out / "confusion_matrix.csv").open(newline="") as f:
+        cells = list(csv.reader(f))
+    assert cells[0] == ["true \\ predicted", "'" + names[0], "'" + names[1], "'" + names[2]]
+    assert [r[0] for r in cells[1:]] == ["'" + n for n in names]

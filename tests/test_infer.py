@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_images, run_cli
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
@@ -61,10 +62,7 @@ def csv_paths(root: Path, name: str) -> list[str]:
 def messy_root(tmp_path_factory, shapes_root: Path) -> Path:
     """Good images plus every way a row can fail, duplicates included: one line each is the contract."""
     root = tmp_path_factory.mktemp("messy")
-    (root / "images").mkdir()
-    good = sorted((shapes_root / "images").iterdir())[:6]
-    for f in good:
-        shutil.copy(f, root / "images" / f.name)
+    good = copy_images(root, shapes_root, 6)
     jpeg = (root / "images" / good[0].name).read_bytes()
     (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "images" / "not_an_image.jpg").write_bytes(b"hello, world")
@@ -362,3 +360,131 @@ def test_a_gpu_pool_the_cluster_cannot_hold_is_refused(ray_session) -> None:
     cfg = InferConfig(model_dir="m", data_root="d", result_dir="o", use_gpu=True, gpus_per_actor=0.5)
     with pytest.raises(ResourceError, match=r"inference: 0.5 GPU\(s\) requested, the cluster has 0"):
         plan_pool(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One bad row never kills a job; outputs and resumes are checked row by row (issue 10, items 2, 5, 7)
+
+
+@pytest.fixture(scope="module")
+def hostile_root(tmp_path_factory, shapes_root: Path) -> Path:
+    """Two good images, a 1 x 40,000,000 PNG (written by PIL) and image paths with a NUL and an ANSI escape."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hostile")
+    good = copy_images(root, shapes_root, 2)
+    Image.new("L", (1, 40_000_000), 128).save(root / "images" / "thin.png")
+    rows = [
+        f"images/{good[0].name}",
+        "images/thin.png",
+        "images/a\x00b.jpg",
+        "images/\x1b[2Jc.jpg",
+        f"images/{good[1].name}",
+    ]
+    text = "image_path,label,subset\n" + "".join(f"{r},0,test\n" for r in rows)
+    (root / "labels.csv").write_bytes(text.encode())
+    (root / "predictions.csv").write_bytes(text.encode())
+    return root
+
+
+@pytest.mark.timeout(240)
+def test_validate_and_infer_agree_on_hostile_rows(ray_session, model_dir, hostile_root, tmp_path) -> None:
+    """The thin PNG passes `validate` (decode + the eval transform) and predicts in `infer`; the paths with
+    control characters are named bad rows in validate and error lines in infer, and the job goes on."""
+    checked = run_cli("validate", str(hostile_root))
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr[-2000:]
+    assert "labels.csv:4: images/a\\x00b.jpg: the path contains the control character '\\x00'" in checked.stdout
+    assert "labels.csv:5: images/\\x1b[2Jc.jpg:" in checked.stdout and "\x1b" not in checked.stdout
+    assert "thin.png" not in checked.stdout and checked.stdout.count("[bad_path]") == 4  # labels + predictions
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    done = run_cli(
+        *["infer", "--model-dir", str(model_dir), "--data-root", str(hostile_root)],
+        "--result-dir",
+        str(out),
+        "--address",
+        address,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {x["row"]: x for x in read_lines(out)}
+    assert sorted(lines) == [2, 3, 4, 5, 6]
+    assert "predictions" in lines[3] and lines[3]["input"] == "images/thin.png"
+    assert "control character" in lines[4]["error"] and lines[4]["input"] == "images/a\x00b.jpg"
+    assert "control character" in lines[5]["error"]
+    assert "predictions" in lines[2] and "predictions" in lines[6]
+    assert "\x1b" not in done.stdout  # the summary's error lines are JSON: escaped
+
+
+def test_shard_writer_counts_rows_not_lines(tmp_path) -> None:
+    """A row that comes back twice (a retried task) must not stand in for a missing one."""
+    from rayimgcls.infer import ShardWriter
+
+    rows = np.array([2, 3, 4, 5])
+    writer = ShardWriter(str(tmp_path), plan_shards(rows, 2), rows, 2)
+    assert writer.add(np.array([2, 2]), np.array(['{"row": 2}', '{"row": 2}'], dtype=object)) == []
+    assert not list(tmp_path.iterdir())
+    assert [s.index for s in writer.add(np.array([3, 5, 4]), np.array(['{"row": 3}', "5", "4"], dtype=object))] == [
+        0,
+        1,
+    ]
+    assert (tmp_path / "predictions-00000.jsonl").read_text() == '{"row": 2}\n{"row": 3}\n'
+    with pytest.raises(PipelineError, match="row 9, which is not an input row"):
+        writer.add(np.array([9]), np.array(["x"], dtype=object))
+
+
+@pytest.mark.timeout(180)
+def test_resume_reverifies_kept_shards_and_compares_preprocessing(ray_session, model_dir, odd_images, tmp_path) -> None:
+    out = tmp_path / "out"
+    infer(model_dir, odd_images, out, rows_per_shard=3)
+    first = (out / "predictions-00000.jsonl").read_text().splitlines()
+    second = (out / "predictions-00001.jsonl").read_text()
+    # by hand: shard 0 with its first row twice and its second missing (the line count still matches),
+    # shard 1 cut short mid-line
+    (out / "predictions-00000.jsonl").write_text("\n".join([first[0], first[0], first[2]]) + "\n")
+    (out / "predictions-00001.jsonl").write_text(second[: len(second) // 2])
+    summary = infer(model_dir, odd_images, out, rows_per_shard=3, resume=True)
+    assert (summary.shards_kept, summary.shards_written) == (1, 2)
+    assert [x["row"] for x in read_lines(out)] == list(range(2, 9))
+    assert (out / "predictions-00000.jsonl").read_text().splitlines() == first
+    # the same weights (same version) with another preprocessing: every probability would differ
+    edited = tmp_path / "model"
+    shutil.copytree(model_dir, edited)
+    card = json.loads((edited / "config.json").read_text())
+    card["preprocess"]["crop_pct"] = 1.0
+    (edited / "config.json").write_text(json.dumps(card))
+    with pytest.raises(ResultDirError, match=r"model.preprocess.crop_pct: 0.9 -> 1.0\n"):
+        infer(edited, odd_images, out, rows_per_shard=3, resume=True)
+    with pytest.raises(ResultDirError, match=r"model.preprocess.max_pixels: 50000000 -> 1000\n"):
+        infer(model_dir, odd_images, out, rows_per_shard=3, resume=True, max_pixels=1000)
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_infer_within_seconds(ray_session, model_dir, shapes_root, tmp_path) -> None:
+    """SIGINT (Ctrl-C) to `rayimgcls infer` mid-run: a message and exit 130 within seconds, complete shards
+    kept (the interpreter's own exit used to wait 10-20 s on Ray Data's threads)."""
+    root, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(shapes_root / "images", root / "images")
+    images = sorted(f"images/{f.name}" for f in (root / "images").iterdir())
+    (root / "big.csv").write_text("image_path\n" + "\n".join(images[i % len(images)] for i in range(1500)) + "\n")
+    args = ["--model-dir", str(model_dir), "--data-root", str(root), "--csv", "big.csv", "--result-dir", str(out)]
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayimgcls", "infer", *args, "--rows-per-shard", "50", "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not shard_files(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - start < 10, f"{time.monotonic() - start:.1f} s"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and "error: interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert shard_files(out)  # complete shards stay for --resume

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -209,3 +210,92 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_later_batches_stay_small(m
     assert limited.sizes == [3, 3, 3, 1]  # no second failure: the size that fitted caps the batches
     with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: nothing left to split
         Predictor(RefusesLargeBatches(model, limit=0), card, torch.device("cpu"), "fp32").predict_batch(images[:1])
+
+
+# config.json is untrusted input (issue 10, item 6)
+
+
+def edited_model_dir(model_dir, tmp_path, edit) -> str:
+    """A copy of `model_dir` whose config.json went through `edit(dict)` (written by hand, weights unchanged)."""
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(model_dir, out)
+    card = json.loads((out / CONFIG_FILE).read_text())
+    edit(card)
+    (out / CONFIG_FILE).write_text(json.dumps(card))
+    return str(out)
+
+
+OPENED: list[str] | None = None  # paths opened while a test listens (an audit hook cannot be removed)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if OPENED is not None and event == "open" and args and isinstance(args[0], str | bytes | os.PathLike):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+def test_a_checkpoint_path_in_config_json_is_refused_without_opening_it(model_dir, tmp_path):
+    """timm would torch.load `checkpoint_path` before our sha256 check of the weights. Python's audit hook
+    sees every open(): the file must never be among them."""
+    import sys
+
+    global OPENED
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"head.weight": torch.zeros(4, 48)}, checkpoint)
+    edited = edited_model_dir(
+        model_dir, tmp_path, lambda c: c["model"]["kwargs"].update(checkpoint_path=str(checkpoint))
+    )
+    sys.addaudithook(_record_opens)
+    OPENED = []
+    try:
+        with pytest.raises(ModelError, match="model kwarg 'checkpoint_path'.*not an architecture setting"):
+            Predictor.from_dir(edited, precision="fp32")
+        with pytest.raises(ModelError, match="checkpoint_path"):
+            load_model_dir(edited)
+        opened = list(OPENED)
+    finally:
+        OPENED = None
+    assert str(checkpoint) not in opened and any(p.endswith(CONFIG_FILE) for p in opened)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["model"].update(name="hf-hub:timm/vit_tiny_patch16_224"), "a model source"),
+        (lambda c: c["model"].update(name="local-dir:/tmp/x"), "a model source"),
+        (lambda c: c["model"].update(name="timm/vit_tiny_patch16_224"), "a model source"),
+        (
+            lambda c: c["model"]["kwargs"].update(pretrained_cfg_overlay={"file": "/etc/passwd"}),
+            "pretrained_cfg_overlay",
+        ),
+        (lambda c: c["model"]["kwargs"].update(cache_dir="/tmp"), "cache_dir"),
+        (lambda c: c["model"]["kwargs"].update(depth={"a": 1}), "depth={'a': 1}: expected a number"),
+        (lambda c: c["preprocess"].update(crop_pct=0), r"crop_pct=0: allowed 0 < x <= 1"),
+        (lambda c: c["preprocess"].update(crop_pct=1.5), r"crop_pct=1.5"),
+        (lambda c: c["preprocess"].update(interpolation="magic"), "interpolation 'magic': allowed nearest"),
+        (lambda c: c["preprocess"].update(crop_mode="zoom"), "crop_mode 'zoom': supported are center and squash"),
+        (lambda c: c["preprocess"].update(mean=[0.5, 0.5]), "preprocess.mean=.*three finite numbers"),
+        (lambda c: c["preprocess"].update(std=[0.5, float("nan"), 0.5]), "preprocess.std=.*three finite numbers > 0"),
+        (lambda c: c["preprocess"].update(std=[0.5, 0, 0.5]), "preprocess.std="),
+        (lambda c: c["preprocess"].update(input_size="224"), 'input_size="224": expected an integer'),
+        (lambda c: c["preprocess"].update(max_pixels=-1), "max_pixels=-1"),
+        (lambda c: c.update(thresholds=[0.5, 2.0]), "thresholds: expected numbers in"),
+        (lambda c: c.update(precision="fp8"), 'precision="fp8"'),
+        (lambda c: c.update(version=""), 'version "" is not the sha256'),
+        (lambda c: c.pop("version"), 'version "" is not the sha256'),
+    ],
+)
+def test_config_json_fields_are_checked(model_dir, tmp_path, edit, expected):
+    with pytest.raises(ModelError, match=expected):
+        read_card(edited_model_dir(model_dir, tmp_path, edit))
+
+
+def test_training_accepts_only_the_kwargs_a_model_dir_may_hold():
+    from rayimgcls.config import ConfigError, TrainConfig
+
+    TrainConfig(data_root="d", model_kwargs=dict(TINY_VIT))
+    with pytest.raises(ConfigError, match="model kwarg 'checkpoint_path'"):
+        TrainConfig(data_root="d", model_kwargs={"checkpoint_path": "/tmp/x.pth"})
+    with pytest.raises(ConfigError, match="'hf-hub:timm/x': a model source"):
+        TrainConfig(data_root="d", model="hf-hub:timm/x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -65,3 +66,83 @@ def test_s3_settings_join_a_runtime_env_without_overriding_it(monkeypatch) -> No
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     assert with_s3_env({"working_dir": "."}) == {"working_dir": "."}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The local default survives a stale cluster record (issue 10, item 11)
+
+
+def _ray_processes(marker: str) -> list[int]:
+    """Pids of the Ray we started: every process of it names its temp dir (unique to the test) on its command line."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def _kill(pids: list[int]) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(420)
+def test_a_stale_cluster_record_is_skipped_and_a_dead_address_named(shapes_root) -> None:
+    """A `ray start` head killed without `ray stop` leaves its address in ray_current_cluster, where a plain
+    ray.init() then waits for minutes. Our own head, on its own port, with its own RAY_TMPDIR (so the record is
+    ours alone and no other Ray on this machine is touched): joined while alive, skipped with a warning once
+    killed by pid, and named within seconds when given as --address."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from conftest import free_port
+
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")} | {"RAY_TMPDIR": tmp}
+    port = free_port()
+    record = Path(tmp) / "ray" / "ray_current_cluster"
+    validate = [sys.executable, "-m", "rayimgcls", "validate", str(shapes_root), "--ray-above", "0"]
+    try:
+        started = subprocess.run(
+            ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert record.read_text().strip().endswith(f":{port}")
+        live = subprocess.run(validate, env=env, capture_output=True, text=True, timeout=180)
+        assert live.returncode == 0 and f"joining the Ray cluster at {record.read_text().strip()}" in live.stderr
+        _kill(_ray_processes(tmp))  # killed, not `ray stop`-ped: the record stays behind
+        time.sleep(1)
+        assert record.exists()
+        stale = subprocess.run(validate, env=env, capture_output=True, text=True, timeout=180)
+        assert stale.returncode == 0, stale.stderr[-3000:]
+        assert (
+            f"ignoring {record}: it names a Ray cluster at" in stale.stderr and "starting a local Ray" in stale.stderr
+        )
+        begin = time.monotonic()
+        address = record.read_text().strip()
+        dead = subprocess.run([*validate, "--address", address], env=env, capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - begin < 30
+        assert dead.returncode == 2 and f"Ray cluster at {address} does not answer" in dead.stderr, dead.stderr
+        assert "Traceback" not in dead.stderr
+    finally:
+        _kill(_ray_processes(tmp))
+        if record.exists() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
