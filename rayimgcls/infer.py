@@ -42,7 +42,7 @@ TMP_SUFFIX = ".tmp"
 # storage.write_bytes (".name.tmp-PID") and of shards ("name.tmp"): what --overwrite may delete.
 OWN_FILE = re.compile(
     r"\.?(predictions-\d{5,}\.jsonl|predictions\.jsonl|manifest\.json"
-    r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png))(\.tmp(-\d+)?)*"
+    r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png)|report(-\w+)?\.html)(\.tmp(-\d+)?)*"
 )
 PROGRESS_EVERY_S = 30.0
 CPU_ACTOR_CPUS = 0.5  # see plan_pool

@@ -11,11 +11,15 @@ import numpy as np
 
 
 def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
-    """Fraction of rows whose target is among the k highest scores."""
+    """Fraction of rows whose target is among the k highest scores (ties ranked by class index, as a stable
+    sort would). The target's rank is counted, not sorted for: one pass over (rows, classes), where a full sort
+    of 100,000 x 1,000 scores took seconds."""
     if len(targets) == 0:
         return float("nan")
-    topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return float((topk == targets[:, None]).any(axis=1).mean())
+    target = probs[np.arange(len(targets)), targets][:, None]
+    ahead = (probs > target).sum(axis=1)
+    tied_before = ((probs == target) & (np.arange(probs.shape[1])[None, :] < targets[:, None])).sum(axis=1)
+    return float((ahead + tied_before < k).mean())
 
 
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:

@@ -61,3 +61,18 @@ def test_tuned_thresholds_maximise_f1_per_class():
     targets = np.array([[1], [1], [0], [0]])
     assert tune_thresholds(probs, targets) == [0.35]
     assert tune_thresholds(probs, np.zeros((4, 1))) == [0.5]
+
+
+def test_topk_counts_ranks_like_a_stable_sort_with_ties():
+    """topk_accuracy counts the target's rank instead of sorting; with many tied scores it must agree with a
+    stable sort (ties ranked by class index), for every k."""
+    from rayimgcls.metrics import topk_accuracy
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(2, 12))
+        probs = rng.integers(0, 4, (n, c)).astype(np.float64)  # few distinct values: ties everywhere
+        targets = rng.integers(0, c, n)
+        for k in (1, 2, 5):
+            by_sort = (np.argsort(-probs, axis=1, kind="stable")[:, :k] == targets[:, None]).any(axis=1).mean()
+            assert topk_accuracy(probs, targets, k) == float(by_sort)

@@ -149,10 +149,6 @@ def test_multi_hot() -> None:
     assert hot.tolist() == [[True, False, True], [False, False, False], [False, True, False]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="infer.OWN_FILE (owned elsewhere) does not list report(-SUBSET).html yet: see the proposal in issue 15",
-)
 @pytest.mark.timeout(180)
 def test_infer_overwrite_removes_reports(hostile_result, tmp_path: Path) -> None:
     out, report = hostile_result

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from rayimgcls import storage
-from rayimgcls.report.html import Column, Html, facts, figure_png, image, number, page, pyplot, section, stats, tag
+from rayimgcls.plots import figure_png, pyplot
+from rayimgcls.report.html import Column, Html, facts, image, number, page, section, stats, tag
 from rayimgcls.report.html import table as html_table
 from rayimgcls.report.thumbnails import Thumbnail, thumbnails
 from rayimgcls.text import printable

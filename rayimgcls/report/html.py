@@ -9,12 +9,10 @@ unless it is `Html` built here: class names, paths and messages come from user f
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import html
-import io
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,30 +136,6 @@ def _cell(column: Column, value: Any) -> Html:
 
 def section(anchor: str, title: str, *body: Any, note: str | None = None) -> Html:
     return tag("section", tag("h2", title), tag("p", note, class_="note") if note else "", *body, id=anchor)
-
-
-@contextlib.contextmanager
-def pyplot() -> Iterator[Any]:
-    """matplotlib's pyplot, headless, with text shown literally: a `$` in a class name is not mathtext."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and safe in Ray workers and CI
-    import matplotlib.pyplot as plt
-
-    style = {"text.parse_math": False, "font.size": 9, "axes.spines.top": False, "axes.spines.right": False}
-    with plt.rc_context(style):
-        yield plt
-
-
-def figure_png(fig: Any, dpi: int = 100) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed (a report draws many)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()  # not savefig's bbox_inches="tight", which draws the figure twice
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def page(title: str, subtitle: Any, nav: Sequence[tuple[str, str]], body: Iterable[Any]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from rayimgcls.config import ConfigError, ServeConfig, check_keys, load_config
-from rayimgcls.model import read_card
+from rayimgcls.model import check_model_dir
 from rayimgcls.serve.api import API_KEY_ENV
 from rayimgcls.serve.deployments import Ingress, ModelServer, autoscaling_config, model_kwargs
 
@@ -31,7 +31,7 @@ MODEL_DIR_ENV = "RAYIMGCLS_MODEL_DIR"  # read only by `rayimgcls.serve:app`
 def build(cfg: ServeConfig) -> serve.Application:
     """The application for `cfg`: an ingress and an autoscaling, batching model, in one deployment (fused) or two
     (split)."""
-    read_card(cfg.model_dir)  # a wrong model_dir fails here, not in a loop of crashing replicas
+    check_model_dir(cfg.model_dir)  # a wrong model_dir fails here, not in a loop of crashing replicas
     _check_cluster(cfg)
     gpus = cfg.gpus_per_replica if cfg.use_gpu else 0
     # Async and cheap per request: slow uploads may hold many ingress slots without holding a model slot.
@@ -95,7 +95,7 @@ def run(cfg: ServeConfig, address: str | None = None) -> None:
 
     from rayimgcls.runtime import init_ray
 
-    read_card(cfg.model_dir)
+    check_model_dir(cfg.model_dir)
     # Resolved here, so the key reaches replicas on a remote cluster too.
     cfg = dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None)
     if not is_loopback(cfg.host) and not cfg.api_key and not cfg.allow_no_key:

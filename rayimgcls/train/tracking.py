@@ -127,7 +127,7 @@ class TensorBoardLog:
 def confusion_image(class_names: list[str], confusion: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    from rayimgcls.evaluate import confusion_png
+    from rayimgcls.plots import confusion_png
 
     return np.asarray(Image.open(io.BytesIO(confusion_png(class_names, confusion))).convert("RGB"))
 
