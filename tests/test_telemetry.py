@@ -24,47 +24,45 @@ from rayimgcls import telemetry
 from rayimgcls.config import InferConfig
 from rayimgcls.model import read_card
 
+DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 APP = "plain"  # the 4-class application of test_serve's Serve instance
 WAIT_S = 30.0  # export interval 1 s; a loaded 2-core machine can be several seconds late
 Sample = tuple[str, dict[str, str], float]
 
 
-def discovery_targets() -> list[str]:
-    """host:port of every target in Ray's Prometheus service-discovery file (the dashboard writes it)."""
-    import ray
-
-    node = ray._private.worker.global_worker.node
-    path = Path(node.get_session_dir_path()) / "prom_metrics_service_discovery.json"
+def discovery_targets(session_dir: Path) -> list[str]:
+    """host:port of every target in the Prometheus service-discovery file of a Ray session (the head's dashboard
+    writes it, and rewrites it as nodes join)."""
+    path = session_dir / DISCOVERY_FILE
     deadline = time.monotonic() + WAIT_S
     while not path.exists():
         assert time.monotonic() < deadline, f"Ray wrote no {path}"
         time.sleep(0.5)
-    targets = [t for group in json.loads(path.read_text()) for t in group["targets"]]
-    assert f"{node.node_ip_address}:{node.metrics_export_port}" in targets, targets
-    return targets
+    return [t for group in json.loads(path.read_text()) for t in group["targets"]]
 
 
-def scrape() -> list[Sample]:
-    """Every rayimgcls sample of every target, as (name without Ray's `ray_` prefix, labels, value). The local node's
-    targets are reached on 127.0.0.1 (the agent listens on every interface); the file also lists the dashboard's
-    and the autoscaler's metrics ports, which answer only while those export something."""
+def session_dir() -> Path:
+    """The session directory of the test session's Ray (ray_session)."""
     import ray
 
-    node_ip = ray._private.worker.global_worker.node.node_ip_address
+    return Path(ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def scrape(session: Path | None = None, prefix: str = "ray_rayimgcls_") -> list[Sample]:
+    """Every sample named `prefix`... of every target, as (name without Ray's `ray_`, labels, value). All the tests'
+    nodes run on this machine, so each target's port is reached on 127.0.0.1 (the agent listens on every interface
+    of its node); the file also lists the dashboard's and the autoscaler's metrics ports, which answer only while
+    those export something."""
     out: list[Sample] = []
-    for target in discovery_targets():
-        host, port = target.rsplit(":", 1)
-        assert host == node_ip, f"a target on another host: {target}"
+    for target in discovery_targets(session or session_dir()):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{target.rsplit(':', 1)[1]}/metrics", timeout=10) as r:
                 text = r.read().decode()
         except urllib.error.URLError:
             continue
         for family in text_string_to_metric_families(text):
             out += [
-                (s.name.removeprefix("ray_"), s.labels, s.value)
-                for s in family.samples
-                if s.name.startswith("ray_rayimgcls_")
+                (s.name.removeprefix("ray_"), s.labels, s.value) for s in family.samples if s.name.startswith(prefix)
             ]
     return out
 
@@ -74,16 +72,21 @@ def total(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
 
 
-def wait_for(expected: dict[str, float], measure: Callable[[list[Sample]], dict[str, float]]) -> dict[str, float]:
+def wait_for(
+    expected: dict[str, float],
+    measure: Callable[[list[Sample]], dict[str, float]],
+    session: Path | None = None,
+    wait_s: float = WAIT_S,
+) -> dict[str, float]:
     """Scrape until `measure` gives `expected` (counters that moved too far never do: the test fails)."""
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + wait_s
     while True:
-        got = measure(scrape())
+        got = measure(scrape(session))
         if all(abs(got[k] - v) < 1e-6 for k, v in expected.items()) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     wrong = {k: (got[k], v) for k, v in expected.items() if abs(got[k] - v) >= 1e-6}
-    assert not wrong, f"(scraped, expected) after {WAIT_S} s: {wrong}"
+    assert not wrong, f"(scraped, expected) after {wait_s} s: {wrong}"
     return got
 
 
@@ -96,6 +99,13 @@ def settled(measure: Callable[[list[Sample]], dict[str, float]]) -> dict[str, fl
         if now == before:
             return now
         before = now
+
+
+def test_discovery_file_lists_this_node(ray_session) -> None:
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    assert f"{node.node_ip_address}:{node.metrics_export_port}" in discovery_targets(session_dir())
 
 
 # ---------------------------------------------------------------------------------------------------------
