@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rayimgcls import storage
+from rayimgcls import storage, telemetry
 from rayimgcls.config import InferConfig
 from rayimgcls.dataset import IMAGE_EXTENSIONS, DatasetError, Problem, read_csv, rows_fingerprint
 from rayimgcls.images import PreprocessConfig
@@ -718,6 +718,8 @@ def _predict_into(
     )
     writer = ShardWriter(cfg.result_dir, shards, rows, cfg.rows_per_shard)
     progress = Progress(len(frame), len(shards))
+    run = telemetry.infer_run_id(cfg.result_dir, inputs.description["sha256"], card.version)
+    logger.info("metrics label run=%s", run)
     ds = predictions_dataset(frame, inputs.data_root, card, cfg, pool)
     try:
         # prefetch_batches=0: with prefetching the iterator holds each block back until the next one
@@ -726,6 +728,9 @@ def _predict_into(
             written = writer.add(batch["row"], batch["line"])
             summary.record(batch["line"], batch["failed"], len(written), time.perf_counter() - progress.start)
             progress.update(summary, written)
+            errors = [json.loads(line)["error"] for line in batch["line"][batch["failed"]]]
+            rate = summary.lines / (time.perf_counter() - progress.start)
+            telemetry.infer_progress(run, len(batch["line"]), errors, len(written), rate)
     except ray.exceptions.RayError as e:
         last = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
         raise PipelineError(

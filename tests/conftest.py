@@ -18,6 +18,8 @@ from PIL import Image
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray's processes export their metrics every second instead of every 10 s, so test_telemetry waits less.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 4
@@ -29,7 +31,8 @@ def ray_session():
     """One local Ray for every test that needs it (started on first use, stopped at the end)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The dashboard writes the Prometheus service-discovery file that test_telemetry finds the metrics port by.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

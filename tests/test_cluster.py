@@ -31,6 +31,7 @@ import typer
 import yaml
 from conftest import TINY_VIT, S3Server, free_port
 from packaging.requirements import Requirement
+from test_telemetry import Sample, discovery_targets, total, wait_for
 
 from rayimgcls.cli import app
 from rayimgcls.config import InferConfig, ServeConfig, TrainConfig, check_keys, load_config
@@ -322,6 +323,7 @@ class LocalCluster:
         (home / ".ray" / "auth_token").write_text(self.token)
         self.env = {**base_env(home), **node_env, "RAY_AUTH_MODE": "token"}
         self.procs: list[subprocess.Popen] = []
+        self.metrics_ports: dict[str, int] = {}  # node name -> its metrics agent's port
 
     @property
     def gcs(self) -> str:
@@ -348,6 +350,7 @@ class LocalCluster:
             *args,
             *(x for p in ports for x in (p, str(free_port()))),
         ]
+        self.metrics_ports[name] = int(argv[argv.index("--metrics-export-port") + 1])
         log = (self.temp_dir / f"{name}.log").open("w")
         self.procs.append(subprocess.Popen(argv, env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.time() + 120
@@ -449,7 +452,8 @@ def cluster(tmp_path_factory, s3_server: S3Server) -> Iterator[LocalCluster]:
     root = tmp_path_factory.mktemp("cluster")
     (root / "home").mkdir()
     (root / "work").mkdir()
-    nodes = LocalCluster(root / "home", root / "work", {"RAYIMGCLS_API_KEY": API_KEY}, workers=2)
+    env = {"RAYIMGCLS_API_KEY": API_KEY, "RAY_metrics_report_interval_ms": "1000"}  # metrics: test_telemetry
+    nodes = LocalCluster(root / "home", root / "work", env, workers=2)
     try:
         nodes.start()
         yield nodes
@@ -613,9 +617,34 @@ def classify_over_http(cluster: LocalCluster, s3: S3Server, model_dir: str, imag
     path.write_text(yaml.safe_dump(config))
     run_cli(cluster, s3, ray_bin("serve"), "deploy", str(path), "--address", cluster.dashboard)
     try:
-        return query_deployed_app(f"http://127.0.0.1:{port}", image)
+        probs = query_deployed_app(f"http://127.0.0.1:{port}", image)
+        check_cluster_metrics(cluster)
+        return probs
     finally:  # stop what the test started: the replicas' CPUs are the next test's training workers
         run_cli(cluster, s3, ray_bin("serve"), "shutdown", "--address", cluster.dashboard, "--yes")
+
+
+def check_cluster_metrics(cluster: LocalCluster) -> None:
+    """Prometheus' view of the cluster: the head's service-discovery file lists every node's metrics port, a worker
+    node's port answers with Ray's metrics, and the endpoint's counters, summed over the nodes, show the one
+    classify request and the one refused for its missing key (query_deployed_app)."""
+    session = cluster.temp_dir / "session_latest"
+    # Ray writes the nodes' addresses as it sees them (this machine's, not the --node-ip-address): match the ports.
+    ports = {int(t.rsplit(":", 1)[1]) for t in discovery_targets(session)}
+    assert set(cluster.metrics_ports.values()) <= ports, (ports, cluster.metrics_ports)
+    with requests.get(f"http://127.0.0.1:{cluster.metrics_ports['worker0']}/metrics", timeout=10) as r:
+        assert r.status_code == 200 and "ray_" in r.text, r.text[:500]
+
+    def measure(s: list[Sample]) -> dict[str, float]:
+        req = "rayimgcls_serve_requests_total"
+        return {
+            "200": total(s, req, application="rayimgcls", route="/v1/classify", status="200"),
+            "401": total(s, req, application="rayimgcls", route="/v1/classify", status="401"),
+            "unauthorized": total(s, "rayimgcls_serve_errors_total", application="rayimgcls", code="unauthorized"),
+            "images": total(s, "rayimgcls_serve_batch_size_count", application="rayimgcls"),
+        }
+
+    wait_for({"200": 1, "401": 1, "unauthorized": 1, "images": 1}, measure, session, wait_s=90)
 
 
 def query_deployed_app(url: str, image: bytes) -> list[float]:

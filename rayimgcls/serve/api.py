@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayimgcls import __version__
+from rayimgcls import __version__, telemetry
 from rayimgcls.images import ACCEPTED_FORMATS
 from rayimgcls.serve import oip
 from rayimgcls.serve.http import ERROR_STATUS, JSON_FORM, ApiError
@@ -154,7 +154,32 @@ def create_api(ingress: Ingress) -> FastAPI:
     add_static_routes(api)
     api.include_router(keyed)
     add_error_handlers(api)
+    api.add_middleware(CountRequests)
     return api
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP response counted by route template and status (telemetry). Inside Starlette's
+    500 handler, so an exception that escapes the routes is counted as the 500 it becomes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            telemetry.serve_request(getattr(scope.get("route"), "path", None), status)
 
 
 def add_oip_routes(api: FastAPI, keyed: APIRouter, ingress: Ingress, auth: tuple[int, ...]) -> None:
@@ -357,6 +382,7 @@ def add_error_handlers(api: FastAPI) -> None:
     exception is a 500 (and is logged)."""
 
     def respond(request: Request, e: ApiError) -> JSONResponse:
+        telemetry.serve_error(e.code)
         if is_oip(request):
             as_oip = oip.from_api_error(e)
             return JSONResponse({"error": as_oip.message}, as_oip.status, e.headers)
@@ -366,11 +392,13 @@ def add_error_handlers(api: FastAPI) -> None:
         return respond(request, e)  # type: ignore[arg-type]
 
     def oip_error(_: Request, e: Exception) -> JSONResponse:
+        telemetry.serve_error(e.code)  # type: ignore[attr-defined]
         return JSONResponse({"error": e.message}, e.status)  # type: ignore[attr-defined]
 
     def http_error(request: Request, e: Exception) -> JSONResponse:
         status = getattr(e, "status_code", 400)
         code = _HTTP_CODES.get(status, "invalid_request")
+        telemetry.serve_error(code)
         body: dict[str, Any] = {"error": str(getattr(e, "detail", e))} | ({} if is_oip(request) else {"code": code})
         return JSONResponse(body, status, getattr(e, "headers", None))  # a 405 keeps its Allow header
 

@@ -35,7 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from rayimgcls import __version__
+from rayimgcls import __version__, telemetry
 from rayimgcls.config import ServeConfig
 from rayimgcls.images import ACCEPTED_FORMATS, to_chw_uint8
 from rayimgcls.model import Predictor, format_prediction, read_card
@@ -102,8 +102,10 @@ class BatchedModel:
 
     async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.batch_sizes[len(images)] += 1
+        start = time.perf_counter()
         # In a thread: the replica keeps accepting requests (the next batch fills) while the model runs.
         probs = await asyncio.to_thread(self.predictor.predict_batch, np.stack(images))
+        telemetry.serve_batch(len(images), time.perf_counter() - start)
         return list(probs)
 
     def stats(self) -> dict[str, Any]:
@@ -177,8 +179,10 @@ class Ingress:
         finally:
             lease.release()  # the encoded bytes are no longer needed once decoded (or refused)
         model_start = time.perf_counter()
+        telemetry.serve_decoded(len(arrays), model_start - decode_start)
         probs = await self.predict(arrays)
         end = time.perf_counter()
+        telemetry.serve_predicted(probs, self.card.version, end - model_start)
         body = {
             "model": self.card.model_name,
             "version": self.card.version,
@@ -207,16 +211,20 @@ class Ingress:
         try:
             body = b"".join([chunk async for chunk in body_chunks(request, self.cfg, lease)])
             req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), self.card, self.cfg)
+            decode_start = time.perf_counter()
             async with self.decodes:
                 arrays = await asyncio.to_thread(self.oip_arrays, req.input)
         except ApiError as e:
             raise oip.from_api_error(e, oip.INPUT_IMAGE) from None
         finally:
             lease.release()
+        model_start = time.perf_counter()
+        telemetry.serve_decoded(len(arrays), model_start - decode_start)
         try:
             probs = np.stack(await self.predict(arrays))
         except ApiError as e:
             raise oip.from_api_error(e) from None
+        telemetry.serve_predicted(probs, self.card.version, time.perf_counter() - model_start)
         return oip.encode_response(req, probs, self.card, self.model_name)
 
     def oip_arrays(self, tensor: oip.Tensor) -> list[np.ndarray]:

@@ -41,12 +41,26 @@ HEADER_LENGTH = "inference-header-content-length"
 _MAX_DIM = 1 << 31  # no real tensor dimension comes near; larger ones are refused before any product is taken
 
 
+# The code an error of the protocol's own is counted under (telemetry), by its status.
+_STATUS_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    500: "internal",
+    503: "unavailable",
+}
+
+
 class OipError(Exception):
     """A request the protocol refuses: answered with `status` and the protocol's {"error": message}."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status = message, status
+        # The code of the README's table it is counted under: /v1's own when it was one of those, else the status's.
+        self.code = code or _STATUS_CODES.get(status, "invalid_request")
 
 
 def from_api_error(e: ApiError, input_name: str | None = None) -> OipError:
@@ -54,7 +68,7 @@ def from_api_error(e: ApiError, input_name: str | None = None) -> OipError:
     408, 413, 500, 503); everything about the tensors themselves is a 400, naming the input and the image."""
     status = e.status if e.status in (401, 408, 413, 500, 503) else 400
     where = f"input {input_name!r}: " if input_name and e.index is not None else ""
-    return OipError(where + e.message, status)
+    return OipError(where + e.message, status, e.code)
 
 
 def server_metadata() -> dict[str, Any]:
