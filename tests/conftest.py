@@ -32,7 +32,9 @@ def ray_session():
     import ray
 
     # The dashboard writes the Prometheus service-discovery file that test_telemetry finds the metrics port by.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    # address="local": a fresh Ray even where a `ray start` head left its record (ray.init would join it, and
+    # refuse num_cpus); the dashboard writes the Prometheus service-discovery file test_telemetry reads.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
