@@ -12,7 +12,6 @@ import functools
 import inspect
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, Optional
@@ -38,13 +37,17 @@ app = typer.Typer(
 logger = logging.getLogger("rayimgcls")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+@app.callback()
+def _output(
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show Ray's own logs and our info lines too (also: RAYIMGCLS_VERBOSE=1)."
+    ),
+) -> None:
+    """What reaches the terminal (rayimgcls.console): our progress and results; Ray's logs at --verbose."""
+    from rayimgcls import console
+
+    console.set_verbose(verbose)
+    console.setup_logging()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -364,7 +367,6 @@ def demo(
 
 
 def main() -> None:
-    _setup_logging()
     app()
 
 
