@@ -12,8 +12,8 @@ that the driver drains, never by parsing log lines. `--verbose` (or RAYIMGCLS_VE
 back.
 
 On a terminal each stage is one live rich progress bar; elsewhere (CI, `ray job submit` logs, a pipe) the same
-facts come as plain timestamped lines, one per tenth of an epoch (or of the rows) and one per epoch, with no
-control characters.
+facts come as plain timestamped lines, one per tenth of the run (of its steps, or of the rows) and one per
+epoch, with no control characters: a long run's log stays readable.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def epoch_row(metrics: dict, seconds: float | None) -> str:
 
 
 class TrainDisplay:
-    """Training progress on the driver: a live bar on a terminal, plain lines at every tenth of an epoch
+    """Training progress on the driver: a live bar on a terminal, plain lines at every tenth of the run
     elsewhere; one row per epoch either way."""
 
     def __init__(self, total_epochs: int, steps_per_epoch: int) -> None:
@@ -285,7 +285,7 @@ class TrainDisplay:
             self._step(record)
         elif kind == "epoch":
             seconds = time.perf_counter() - self.epoch_started
-            self.epoch_started, self.tenth = time.perf_counter(), -1
+            self.epoch_started = time.perf_counter()
             self._print(epoch_row({**record, "epochs": self.total_epochs}, seconds))
         else:
             self._print(record["message"])
@@ -305,10 +305,10 @@ class TrainDisplay:
         if self.bar is not None:
             self.bar.update(self.task, completed=r["global_step"], description=where, facts=facts)
             return
-        tenth = TENTHS * r["step"] // r["steps"]
-        if tenth > self.tenth and r["step"] < r["steps"]:  # the epoch's end is its row
+        tenth = TENTHS * r["global_step"] // total
+        if tenth > self.tenth and r["step"] < r["steps"]:  # an epoch's end is its row
             self.tenth = tenth
-            plain(f"{where} ({100 * r['step'] // r['steps']}%)  {facts}  ETA {duration(eta)}")
+            plain(f"{where} ({100 * r['global_step'] // total}% of the run)  {facts}  ETA {duration(eta)}")
 
     def _print(self, message: str) -> None:
         if self.bar is not None:

@@ -27,7 +27,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
     repo = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", console.VERBOSE_ENV)}
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
-    env["TMPDIR"] = str(tmp_path)  # the C++ core's stderr file lands here
     return env
 
 
