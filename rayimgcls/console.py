@@ -293,7 +293,7 @@ class TrainDisplay:
     def _step(self, r: dict) -> None:
         total = self.total_epochs * self.steps_per_epoch
         if self.first_step is None:
-            self.first_step, self.started = r["global_step"] - 1, time.perf_counter()
+            self.first_step, self.started = r["global_step"], time.perf_counter()  # a rate needs two points
         done = r["global_step"] - self.first_step
         rate = done / max(time.perf_counter() - self.started, 1e-9)
         eta = (total - r["global_step"]) / rate if rate else None

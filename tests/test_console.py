@@ -76,3 +76,36 @@ def test_demo_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw).replace("\r", "\n")
     _check_summary(text, tmp_path)
     assert re.search(r"epoch [12]/2 step \d/\d", text) and "img/s" in text and "ETA" in text
+
+
+def test_plain_lines_come_per_tenth_of_the_run_and_per_epoch(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(console, "is_terminal", lambda: False)
+    with console.TrainDisplay(total_epochs=2, steps_per_epoch=50) as display:
+        for epoch in (1, 2):
+            for step in range(1, 51):
+                record = {
+                    "epoch": epoch,
+                    "epochs": 2,
+                    "step": step,
+                    "steps": 50,
+                    "global_step": 50 * (epoch - 1) + step,
+                }
+                display.handle("step", {**record, "loss": 0.5, "lr": 1e-3, "images_per_s": 100.0, "data_wait": 0.02})
+            display.handle("epoch", {"epoch": epoch, "step": 50 * epoch, "train_loss": 0.5, "val_loss": 0.25})
+        display.handle("note", {"message": "bell \x07 here"})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 + 2 + 1  # a line per tenth of the run (steps 1, 10, ..., 40, 51, 60, ...), 2 rows, the note
+    assert all(re.match(r"\d\d:\d\d:\d\d ", x) for x in lines)
+    assert "epoch 1/2 step 10/50 (10% of the run)" in lines[1] and "data-wait 2%" in lines[1]
+    assert re.search(r"epoch +1/2 +train_loss 0\.5000 +val_loss 0\.2500", "\n".join(lines))
+    assert lines[-1].endswith("bell \\x07 here")  # control characters escaped
+
+
+def test_verbose_switch(monkeypatch) -> None:
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    assert not console.verbose()
+    console.set_verbose(True)
+    assert console.verbose() and os.environ[console.VERBOSE_ENV] == "1"
+    assert console.ray_init_options() == {}  # --verbose: Ray as it is
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    assert not console.verbose()

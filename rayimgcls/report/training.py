@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SKIPPED = 200
 METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1")  # the validation metrics a table column shows
+TITLES = {"val_loss": "val loss", "macro_f1": "macro F1", "micro_f1": "micro F1", "map": "mAP"}
 
 Section = tuple[str, str, Html]
 
@@ -169,7 +170,7 @@ def _epochs(epochs: list[dict]) -> Section:
         Column("step", numeric=True),
         Column("seconds", numeric=True, digits=1),
         Column("train loss", numeric=True),
-        *(Column(m, numeric=True) for m in shown),
+        *(Column(TITLES.get(m, m), numeric=True) for m in shown),
         Column("images/s", numeric=True, digits=1),
         Column("data wait", numeric=True, digits=3),
     ]
