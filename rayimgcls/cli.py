@@ -47,7 +47,13 @@ def _output(
     from rayimgcls import console
 
     console.set_verbose(verbose)
-    console.setup_logging()
+    _setup_logging()
+
+
+def _setup_logging() -> None:
+    from rayimgcls.console import setup_logging
+
+    setup_logging()  # also what `python -m rayimgcls.train` calls (no callback runs there)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
