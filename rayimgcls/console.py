@@ -62,6 +62,8 @@ def setup_logging() -> None:
         )
     )
     logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, handlers=[handler])
+    if not verbose():
+        logging.getLogger("rayimgcls.serve").setLevel(logging.INFO)  # where `serve` listens, and when it stops
 
 
 class _Stderr(logging.StreamHandler):
@@ -180,6 +182,8 @@ class WorkerProgress:
     def __init__(self, box: Any, steps_per_epoch: int, total_epochs: int) -> None:
         self.box, self.steps_per_epoch, self.total_epochs = box, steps_per_epoch, total_epochs
         self.sent, self.images, self.wait, self.since = 0.0, 0, 0.0, time.perf_counter()
+        if box is not None:
+            _ForwardWarnings.to(self)
 
     def step(self, epoch: int, step: int, global_step: int, loss: float, lr: float, images: int, wait: float) -> None:
         self.images, self.wait = self.images + images, self.wait + wait
@@ -212,6 +216,26 @@ class WorkerProgress:
             sys.__stdout__.write(f"{kind}: {record}\n")
             return
         self.box.put.remote(kind, record)
+
+
+class _ForwardWarnings(logging.Handler):
+    """Our warnings on rank 0 (a tracking server gone, ...) reach the user as notes: its output is not forwarded."""
+
+    def __init__(self, progress: WorkerProgress) -> None:
+        super().__init__(logging.WARNING)
+        self.progress = progress
+
+    @classmethod
+    def to(cls, progress: WorkerProgress) -> None:
+        logger = logging.getLogger("rayimgcls")
+        for handler in logger.handlers:
+            if isinstance(handler, cls):  # one per process: a new attempt's progress replaces the old
+                handler.progress = progress
+                return
+        logger.addHandler(cls(progress))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress.note(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
 # ---------------------------------------------------------------------------------------------------------
