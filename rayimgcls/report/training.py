@@ -188,8 +188,9 @@ def _checkpoints(run: RunDir, config: dict, epochs: list[dict], summary: dict | 
     on_disk = run.checkpoint_epochs()
     keep = config.get("num_to_keep", 1)
     has_metric = any(metric in e for e in epochs)
-    ranked = sorted((e for e in epochs if metric in e), key=lambda e: -_sign(metric) * e[metric])
-    rank = {e["epoch"]: i + 1 for i, e in enumerate(ranked)}
+    scores = [_sign(metric) * e[metric] for e in epochs if metric in e]
+    # 1 + the epochs strictly better: tied epochs share a rank (Ray Train keeps either)
+    rank = {e["epoch"]: 1 + sum(s > _sign(metric) * e[metric] for s in scores) for e in epochs if metric in e}
     exported = summary.get("best_epoch") if summary else None
     latest = epochs[-1]["epoch"] if epochs else None
     rows = []
@@ -199,7 +200,10 @@ def _checkpoints(run: RunDir, config: dict, epochs: list[dict], summary: dict | 
         if n == exported:
             reasons.append("exported as the model (the best)")
         if has_metric and rank.get(n, keep + 1) <= keep:
-            reasons.append(f"#{rank[n]} by {metric} (num_to_keep={keep})")
+            kept = n in on_disk or summary is None  # during a run Ray Train may not have removed it yet
+            reasons.append(
+                f"#{rank[n]} by {metric} (num_to_keep={keep})" if kept else f"tied at #{rank[n]}: another was kept"
+            )
         if n == latest:
             reasons.append("latest (a resume starts here)")
         if not reasons:
