@@ -42,12 +42,9 @@ logger = logging.getLogger("rayimgcls")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    from rayimgcls.console import setup_logging
+
+    setup_logging()  # also what `python -m rayimgcls.train` calls (no callback runs there)
 
 
 DEBUG = {"on": False}  # --debug: tracebacks for user errors too (set by the app callback)
@@ -56,9 +53,17 @@ DEBUG = {"on": False}  # --debug: tracebacks for user errors too (set by the app
 @app.callback()
 def options(
     debug: bool = typer.Option(False, "--debug", help="Show the traceback behind an error message (for bug reports)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show Ray's own logs and our info lines too (also: RAYIMGCLS_VERBOSE=1)."
+    ),
 ) -> None:
-    """Image classification on Ray: data -> train -> infer -> evaluate -> serve."""
+    """Image classification on Ray: data -> train -> infer -> evaluate -> serve. What reaches the terminal
+    (rayimgcls.console): our progress and results; Ray's logs with --verbose."""
+    from rayimgcls import console
+
     DEBUG["on"] = debug
+    console.set_verbose(verbose)
+    _setup_logging()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -403,7 +408,6 @@ INTERRUPTED = 130
 
 
 def main() -> None:
-    _setup_logging()
     try:
         app()
     except SystemExit as e:

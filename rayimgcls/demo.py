@@ -78,6 +78,7 @@ def run_demo(
     """Make a shapes dataset under out_dir, train, predict its test subset and evaluate the predictions."""
     from rayimgcls.evaluate import evaluate, format_report
     from rayimgcls.infer import run_inference
+    from rayimgcls.rundir import REPORT_FILE, RunDir
     from rayimgcls.synth import SynthConfig, make_dataset
     from rayimgcls.train import run
 
@@ -99,11 +100,13 @@ def run_demo(
     report = evaluate(result_dir, data_root)
     _say(format_report(report, rows=4))
     result = DemoResult(data_root, summary["model_dir"], result_dir, float(report["accuracy"]), time.time() - started)
+    run_dir = RunDir(storage.join(os.path.join(out, "runs"), run_name))
     _say(
         f"\ndemo done in {result.seconds:.0f} s: test accuracy {100 * result.accuracy:.1f}% "
         f"(chance {100 / len(report['per_class']):.0f}%)\n"
-        f"  data:        {data_root}\n  run:         {storage.join(os.path.join(out, 'runs'), run_name)}\n"
+        f"  data:        {data_root}\n  run:         {run_dir.path}\n"
         f"  model:       {result.model_dir}\n  predictions: {result_dir}\n"
+        f"open the reports:\n  training:    {run_dir.file(REPORT_FILE)}\n  evaluation:  {report['html']}\n"
         f"serve it:  rayimgcls serve --model-dir {result.model_dir}"
     )
     return result

@@ -44,7 +44,6 @@ OWN_FILE = re.compile(
     r"\.?(predictions-\d{5,}\.jsonl|predictions\.jsonl|manifest\.json"
     r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png)|report(-\w+)?\.html)(\.tmp(-\d+)?)*"
 )
-PROGRESS_EVERY_S = 30.0
 CPU_ACTOR_CPUS = 0.5  # see plan_pool
 ERROR_EXAMPLES = 5  # error lines the summary shows
 
@@ -631,28 +630,19 @@ class InferSummary:
 
 
 class Progress:
-    """A log line per written shard, and every PROGRESS_EVERY_S seconds in between."""
+    """Rows done of total, shards, errors, images/s and ETA on the driver (rayimgcls.console.RowsDisplay)."""
 
     def __init__(self, total: int, shards: int) -> None:
-        self.total, self.shards, self.start = total, shards, time.perf_counter()
-        self.last = self.start
+        from rayimgcls.console import RowsDisplay
+
+        self.start = time.perf_counter()
+        self.display = RowsDisplay(total, shards)
 
     def update(self, summary: InferSummary, written: list[Shard]) -> None:
-        now = time.perf_counter()
-        if written or now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            rate = summary.lines / max(now - self.start, 1e-9)
-            eta = (self.total - summary.lines) / rate if rate else float("inf")
-            logger.info(
-                "%d/%d rows, %d/%d shards, %d errors, %.1f images/s, ~%.0f s left",
-                summary.lines,
-                self.total,
-                summary.shards_written + summary.shards_kept,
-                self.shards,
-                summary.errors,
-                rate,
-                eta,
-            )
+        self.display.update(summary.lines, summary.shards_written + summary.shards_kept, summary.errors)
+
+    def close(self) -> None:
+        self.display.close()
 
 
 def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
@@ -737,3 +727,5 @@ def _predict_into(
             f"inference stopped after {summary.shards_written} shards ({last.strip()}); "
             "complete shards are kept: fix the cause and re-run with --resume"
         ) from None
+    finally:
+        progress.close()

@@ -3,7 +3,8 @@
 Ray Train owns `checkpoint_epoch_NNNN/` (we only fill them) and its own bookkeeping files; everything else is
 ours: config.yaml (the resolved configuration), data_fingerprint.json (what a resume must find unchanged),
 metrics.jsonl (one line per logging step, per epoch and per resume; rank 0 writes it), workers.json, curves.png,
-summary.json, skipped_rows.csv, tensorboard/ and mlflow.json (the MLflow run a resume continues).
+summary.json, skipped_rows.csv, report.html (rayimgcls.report.training), tensorboard/ and mlflow.json (the MLflow
+run a resume continues).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WORKERS_FILE = "workers.json"
 CURVES_FILE = "curves.png"
 SUMMARY_FILE = "summary.json"
 SKIPPED_FILE = "skipped_rows.csv"
+REPORT_FILE = "report.html"
 MLFLOW_FILE = "mlflow.json"
 TENSORBOARD_DIR = "tensorboard"
 MODEL_DIR = "model"
@@ -130,6 +132,16 @@ class RunDir:
         storage.write_text(self.file(SKIPPED_FILE), table.to_csv(index=False))
         return self.file(SKIPPED_FILE)
 
+    def read_skipped(self) -> list[dict]:
+        """skipped_rows.csv as written (cells stay defused), or [] when no row was skipped."""
+        import pandas as pd
+
+        path = self.file(SKIPPED_FILE)
+        if not storage.exists(path):
+            return []
+        table = pd.read_csv(io.StringIO(storage.read_text(path)), dtype=str, keep_default_na=False)
+        return table.to_dict("records")
+
     def read_mlflow(self) -> dict | None:
         path = self.file(MLFLOW_FILE)
         return json.loads(storage.read_text(path)) if storage.exists(path) else None
@@ -139,13 +151,16 @@ class RunDir:
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def completed_epochs(self) -> int:
-        """The last epoch with a complete checkpoint (train_state.pt is written after the weights)."""
-        done = [
+        """The last epoch with a complete checkpoint."""
+        return max(self.checkpoint_epochs(), default=0)
+
+    def checkpoint_epochs(self) -> set[int]:
+        """The epochs with a complete checkpoint on disk (train_state.pt is written after the weights)."""
+        return {
             int(m.group(1))
             for f in storage.walk_files(self.path)
             if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)/{TRAIN_STATE_FILE}", f))
-        ]
-        return max(done, default=0)
+        }
 
     def checkpoint(self, epoch: int) -> str:
         return self.file(checkpoint_dir_name(epoch))
@@ -244,17 +259,6 @@ class MetricsLog:
 
 # ---------------------------------------------------------------------------------------------------------
 # Reports
-
-
-def summary_table(epochs: list[dict], metric: str) -> str:
-    cols = [
-        c
-        for c in ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micro_f1")
-        if any(c in e for e in epochs)
-    ]
-    head = "epoch  " + "  ".join(f"{c:>10}" for c in cols)
-    rows = [f"{e['epoch']:>5}  " + "  ".join(f"{e.get(c, float('nan')):>10.4f}" for c in cols) for e in epochs]
-    return "\n".join([head, *rows, f"(checkpoints ranked by {metric})"])
 
 
 def plot_curves(lines: list[dict]) -> bytes:

@@ -83,7 +83,10 @@ def init_ray(address: str | None = None, *, runtime_env: dict | None = None, qui
         runtime_env = with_s3_env(runtime_env)
     kwargs: dict = {"address": target, "runtime_env": runtime_env}
     if quiet:
+        from rayimgcls.console import ray_init_options
+
         kwargs["logging_level"] = logging.WARNING
+        kwargs.update(ray_init_options())  # Ray's logs to its files, not the terminal (unless --verbose)
     try:
         ray.init(**kwargs)
     except ConnectionError as e:

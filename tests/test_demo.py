@@ -21,8 +21,11 @@ def test_demo_runs_every_stage(ray_session, tmp_path, capsys):
         "4/4 evaluation",
         "demo done in",
         "rayimgcls serve --model-dir",
+        "epoch   2/2  train_loss",  # the epoch rows, from rank 0 through Ray
+        f"evaluation:  {result.result_dir}/report.html",
     ):
         assert stage in out
+    assert (Path(result.model_dir).parent / "report.html").exists()  # the training report
     assert (Path(result.model_dir) / "model.safetensors").exists()
     manifest = json.loads((Path(result.result_dir) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["input"]["rows"] == 16  # the test subset of 120 images

@@ -16,7 +16,7 @@ from conftest import IMAGE_SIZE, TINY_VIT, screenshot
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
-from rayimgcls.config import InferConfig
+from rayimgcls.config import InferConfig, TrainConfig
 from rayimgcls.evaluate import evaluate
 from rayimgcls.infer import run_inference
 from rayimgcls.model import make_untrained_model_dir
@@ -238,4 +238,128 @@ def test_browser_multilabel_report(multilabel_result, page) -> None:
         assert (row[1] == "" and c["ap"] is None) or float(row[1]) == c["ap"]
     assert page.locator("#worst .card").count() == len(report["worst"])
     screenshot(page, "evaluation-report-multilabel")
+    assert dialogs == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training.py: report.html of a real training run (a skipped row, a checkpoint Ray Train removed)
+
+
+@pytest.fixture(scope="module")
+def training_run(ray_session, shapes_root, tmp_path_factory) -> tuple[Path, dict, list[str]]:
+    """A 3-epoch run of the tiny ViT; a thread notes what the run dir held while training went on."""
+    import threading
+
+    from rayimgcls.demo import DEMO_RECIPE
+    from rayimgcls.train import run
+
+    base = tmp_path_factory.mktemp("trainreport")
+    root = base / "data"
+    shutil.copytree(shapes_root, root)
+    with (root / "labels.csv").open("a") as f:
+        f.write(f"images/{HOSTILE}.png,1,train,\n")  # missing, and a hostile path: skipped, listed, escaped
+    cfg = TrainConfig(
+        **{
+            **DEMO_RECIPE,
+            "model": "vit_tiny_patch16_224",
+            "model_kwargs": TINY_VIT,
+            "batch_size": 32,
+            "num_epochs": 3,
+            "num_to_keep": 1,
+            "logging_steps": 2,
+            "torch_threads": 1,
+            "skip_bad_rows": True,
+            "data_root": str(root),
+            "storage_path": str(base / "runs"),
+            "run_name": "report",
+        }
+    )
+    run_dir = base / "runs" / "report"
+    seen: list[str] = []  # the report's status while summary.json did not exist yet
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            report = run_dir / "report.html"
+            if report.exists() and not (run_dir / "summary.json").exists():
+                text = report.read_text()
+                seen.append(f"{text.count('<tr>') - 1} rows, {'running' if ' running ' in text else '?'}")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = run(cfg)
+    finally:
+        done.set()
+        watcher.join()
+    return run_dir, summary, seen
+
+
+def test_training_report_is_written_during_the_run(training_run) -> None:
+    run_dir, summary, seen = training_run
+    assert seen and all(s.endswith("running") for s in seen), seen  # opened mid-run: the epochs so far
+    text = (run_dir / "report.html").read_text()
+    assert summary["completed"] and " finished " in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text and HOSTILE not in text
+    assert text.count("<script>") == 1 and "http://" not in text and "https://" not in text
+    assert re.findall(r'<img src="(?!data:image/)', text) == []
+
+
+def test_training_report_epoch_rows() -> None:
+    from rayimgcls.report.training import epoch_rows
+
+    lines = [
+        {"type": "start", "epoch": 0, "step": 0, "time": 100.0},
+        {"type": "step", "epoch": 1, "step": 1, "images_per_s": 10.0, "data_wait": 0.1, "time": 101.0},
+        {"type": "step", "epoch": 1, "step": 2, "images_per_s": 30.0, "data_wait": 0.3, "time": 102.0},
+        {"type": "epoch", "epoch": 1, "step": 2, "train_loss": 1.0, "time": 105.0},
+        {"type": "resume", "epoch": 1, "step": 2, "time": 200.0},
+        {"type": "epoch", "epoch": 2, "step": 4, "train_loss": 0.5, "time": 207.5},
+    ]
+    rows = epoch_rows(lines)
+    assert [r["seconds"] for r in rows] == [5.0, 7.5]
+    assert rows[0]["images_per_s"] == 20.0 and rows[0]["data_wait"] == pytest.approx(0.2)
+    assert "images_per_s" not in rows[1]
+
+
+EPOCHS = "Array.from(document.querySelectorAll('#epochs tbody tr')).map(r => Array.from(r.cells).map(c => c.dataset.v))"  # noqa: E501
+CHECKPOINTS = "Array.from(document.querySelectorAll('#checkpoints tbody tr')).map(r => Array.from(r.cells).map(c => c.textContent))"  # noqa: E501
+
+
+def test_browser_training_report(training_run, page) -> None:
+    from rayimgcls.report.training import epoch_rows
+
+    run_dir, summary, _ = training_run
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = epoch_rows(lines)
+    dialogs: list[str] = []
+    _open(page, run_dir / "report.html", dialogs)
+    loaded = page.evaluate(IMAGES_LOADED)
+    assert len(loaded) == 5 and all(ok and src == "data:image/" for ok, src in loaded), loaded  # the 5 curves
+    assert _stat(page, "epochs") == "3"
+    assert float(page.locator('[data-key="best_top1"]').get_attribute("data-value")) == summary["best"]["top1"]
+    assert abs(int(_stat(page, "images_per_s")) - summary["images_per_s"]) <= 0.6  # summary.json rounds to 0.1
+    shown = page.evaluate(EPOCHS)
+    assert len(shown) == 3
+    for row, e in zip(shown, epochs, strict=True):
+        assert [float(row[0]), float(row[1]), float(row[3]), float(row[4]), float(row[5])] == [
+            e["epoch"],
+            e["step"],
+            e["train_loss"],
+            e["val_loss"],
+            e["top1"],
+        ]
+        assert float(row[2]) == e["seconds"] > 0
+    checkpoints = page.evaluate(CHECKPOINTS)
+    kept = {int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob("checkpoint_epoch_*")}
+    assert {int(r[0]) for r in checkpoints if r[3] == "kept"} == kept and 3 in kept
+    best = next(r for r in checkpoints if int(r[0]) == summary["best_epoch"])
+    assert "exported as the model" in best[4] and best[2] == "1"
+    assert any(r[3] == "removed" for r in checkpoints)  # num_to_keep=1 of 3 epochs
+    assert page.locator("#skipped").get_by_text(HOSTILE, exact=False).count() == 2  # path and reason: text
+    assert page.locator("#config").get_by_text("vit_tiny_patch16_224").count() == 1
+    assert page.evaluate("document.querySelectorAll('img[src=x], script').length") == 1
+    screenshot(page, "training-report")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert dialogs == []

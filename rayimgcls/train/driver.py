@@ -13,11 +13,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 
-from rayimgcls import storage
+from rayimgcls import console, storage
 from rayimgcls.config import ConfigError, TrainConfig, diff
 from rayimgcls.dataset import (
     LABELS_CSV,
@@ -38,13 +39,13 @@ from rayimgcls.model import (
     read_card,
     save_model_dir,
 )
+from rayimgcls.report import training as training_report
 from rayimgcls.rundir import (
     MODEL_DIR,
     RunDir,
     data_fingerprint,
     load_checkpoint_weights,
     load_train_state,
-    summary_table,
 )
 from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
 from rayimgcls.train import tracking
@@ -200,6 +201,7 @@ def build_trainer(
     pre: PreprocessConfig,
     cpus: float,
     mlflow_run_id: str | None = None,
+    progress: Any = None,
 ):
     import ray
     from ray.data import DataContext
@@ -235,6 +237,7 @@ def build_trainer(
         has_validation=bool(len(data.validation)),
         pretrained_state=ray.put(state) if state is not None else None,
         mlflow_run_id=mlflow_run_id,
+        progress=progress,
     )
     metric = cfg.metric if len(data.validation) else None
     storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
@@ -365,10 +368,13 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     if state == "resume":
         print(f"resuming run {cfg.run_name} from {run_dir.path}", flush=True)
     mlflow_run = tracking.MlflowRun.start(cfg, run_dir) if cfg.mlflow_tracking_uri else None
-    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, mlflow_run.run_id if mlflow_run else None)
+    console.log_ray_to(run_dir.path)
+    box = console.mailbox()
+    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, mlflow_run.run_id if mlflow_run else None, box)
     started = time.time()
     try:
-        result = trainer.fit()
+        with console.train_progress(box, cfg.num_epochs, steps_per_epoch(cfg, len(data.train))):
+            result = trainer.fit()
         if result.error is not None:
             raise TrainingError(f"training failed: {failure_message(result.error)}")
     except Exception as e:
@@ -433,6 +439,9 @@ def finish(
     summary["model_dir"] = export(cfg, checkpoint, best, data.classes, model_kwargs, pre, summary)
     run_dir.write_summary(summary)
     run_dir.write_curves(lines)
-    print(summary_table(epochs, cfg.metric), flush=True)
-    print(f"model directory: {summary['model_dir']}", flush=True)
+    report = training_report.write_training_report(run_dir)
+    best_value = summary["best"].get(cfg.metric)
+    if best_value is not None:
+        print(f"best {cfg.metric} {best_value:.4f} at epoch {summary['best_epoch']}", flush=True)
+    print(f"run directory: {run_dir.path}\nreport: {report}\nmodel directory: {summary['model_dir']}", flush=True)
     return summary

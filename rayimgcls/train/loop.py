@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from rayimgcls.config import TrainConfig
+from rayimgcls.console import WorkerProgress
 from rayimgcls.images import PreprocessConfig, normalize
 from rayimgcls.metrics import confusion_matrix, summary_metrics
 from rayimgcls.model import create_model, resolve_precision, use_ieee_fp32
+from rayimgcls.report import training as training_report
 from rayimgcls.rundir import (
     MetricsLog,
     RunDir,
@@ -54,13 +55,7 @@ class LoopContext:
     has_validation: bool
     pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
     mlflow_run_id: str | None = None  # the MLflow run the driver opened, when tracking there
-
-
-def say(message: str) -> None:
-    """One line to the driver's console. Ray Train patches print() into its logger, which the driver shows
-    twice; the worker's raw stdout is forwarded once."""
-    sys.__stdout__.write(message + "\n")
-    sys.__stdout__.flush()
+    progress: Any = None  # the driver's console.mailbox(): rank 0's progress goes there
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -165,7 +160,8 @@ def train_loop(config: dict) -> None:
         state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
         fresh = load_transfer_weights(model, state)
         if rank == 0 and fresh:
-            say(f"fine-tuning from {cfg.pretrained}: freshly initialised {', '.join(fresh)}")
+            note = f"fine-tuning from {cfg.pretrained}: freshly initialised {', '.join(fresh)}"
+            WorkerProgress(ctx.progress, ctx.steps_per_epoch, cfg.num_epochs).note(note)
     # On the device before the optimizer exists: a restored optimizer state follows its parameters' device, and
     # prepare_model below moves only the parameters (a resumed GPU run would meet CPU moments in its first step).
     model.to(device)
@@ -174,7 +170,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     log = Journal(ctx, cfg, global_step) if rank == 0 else None
     if log is not None and start_epoch:
-        say(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
+        log.progress.note(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
         log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
 
     loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes)
@@ -212,6 +208,9 @@ def train_loop(config: dict) -> None:
             global_step, steps = global_step + 1, steps + 1
             epoch_loss += loss.item()
             window.add(len(x) * world, wait)
+            if log is not None:
+                lr = scheduler.get_last_lr()[0]
+                log.progress.step(epoch + 1, steps, global_step, epoch_loss / steps, lr, len(x) * world, wait)
             if log is not None and global_step % cfg.logging_steps == 0:
                 rate, wait_frac = window.flush()
                 lr = scheduler.get_last_lr()[0]
@@ -223,10 +222,6 @@ def train_loop(config: dict) -> None:
                     lr=lr,
                     images_per_s=round(rate, 1),
                     data_wait=round(wait_frac, 4),
-                )
-                say(
-                    f"epoch {epoch + 1}/{cfg.num_epochs} step {global_step}/{cfg.num_epochs * ctx.steps_per_epoch}"
-                    f" loss {loss.item():.4f} lr {lr:.3g} {rate:.0f} img/s data-wait {100 * wait_frac:.1f}%"
                 )
         metrics, confusion = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}, None
         if ctx.has_validation and rank == 0:
@@ -244,15 +239,20 @@ class Journal:
     resume both continue from the lines metrics.jsonl kept (cut back to the checkpoint's step)."""
 
     def __init__(self, ctx: LoopContext, cfg: TrainConfig, resume_step: int) -> None:
+        self.run_dir = ctx.run_dir
         run = RunDir(ctx.run_dir)
         self.metrics = MetricsLog(run, resume_step)
         self.trackers = Trackers.open(cfg, run, ctx.mlflow_run_id, self.metrics.kept)
+        self.progress = WorkerProgress(ctx.progress, ctx.steps_per_epoch, cfg.num_epochs)
+        if not resume_step:  # where the first epoch's time starts (a resume logs its own line)
+            self.metrics.add(type="start", epoch=0, step=0)
 
     def add(self, **record: Any) -> None:
         self.trackers.log(self.metrics.add(**record))
 
     def epoch_done(self) -> None:
         self.trackers.flush()
+        training_report.update(self.run_dir)  # report.html, to open during the run
 
     def finish(self, cfg: TrainConfig, class_names: list[str], confusion: np.ndarray | None) -> None:
         self.trackers.finish(self.metrics.lines[-1], cfg, class_names, confusion)
@@ -355,8 +355,7 @@ def _report(
         return
     assert log is not None
     log.add(type="epoch", **metrics)
-    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step", "loss"))
-    say(f"epoch {epoch} done: {shown}")
+    log.progress.epoch(metrics)
     unwrapped = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, unwrapped, optimizer, scheduler, epoch, metrics["step"], metrics)
