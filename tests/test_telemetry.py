@@ -202,12 +202,41 @@ def test_training_hook_from_a_ray_actor(ray_session) -> None:
     ray_session.kill(worker)
 
 
-@pytest.mark.skip(
-    reason="after the train_worker package refactor merges: call telemetry.train_step/train_checkpoint in the loop "
-    "(see the issue-13 report), then scrape a short rayimgcls.train.run as the tests above do"
-)
-def test_training_run_exports_its_figures() -> None:
-    raise AssertionError("to be written against the refactored training loop")
+@pytest.mark.timeout(300)
+def test_training_run_exports_its_figures(ray_session, shapes_root, tmp_path) -> None:
+    """A real two-epoch training run, scraped while it runs: rank 0's logging steps (a histogram, kept after the
+    run) and its gauges (loss, the checkpoint metric: exported while the worker lives) equal what metrics.jsonl
+    says."""
+    import threading
+
+    from test_train import tiny_config
+
+    from rayimgcls.train import run
+
+    name, seen = "telemetry-run", {"loss": set(), "checkpoint": set()}
+    result: dict[str, Any] = {}
+    trainer = threading.Thread(
+        target=lambda: result.update(run(tiny_config(shapes_root, tmp_path / "runs", name, num_epochs=2)))
+    )
+    trainer.start()
+    while trainer.is_alive():
+        samples = scrape()
+        seen["loss"] |= {v for n, lab, v in samples if n == "rayimgcls_train_loss" and lab.get("run") == name}
+        seen["checkpoint"] |= {
+            v for n, lab, v in samples if n == "rayimgcls_train_checkpoint_metric" and lab.get("run") == name
+        }
+        time.sleep(0.5)
+    trainer.join()
+    lines = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["type"] == "step"]
+    first_epoch = next(x for x in lines if x["type"] == "epoch")
+    assert seen["loss"] and seen["loss"] <= {x["loss"] for x in steps}, seen["loss"]
+    assert first_epoch[result["metric"]] in seen["checkpoint"], (seen["checkpoint"], first_epoch)
+
+    def measure(s: list[Sample]) -> dict[str, float]:
+        return {"steps": total(s, "rayimgcls_train_step_seconds_count", run=name)}
+
+    wait_for({"steps": len(steps)}, measure)
 
 
 # ---------------------------------------------------------------------------------------------------------

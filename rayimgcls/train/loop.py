@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rayimgcls import storage, telemetry
 from rayimgcls.config import TrainConfig
 from rayimgcls.console import WorkerProgress
 from rayimgcls.images import PreprocessConfig, normalize
@@ -29,6 +30,7 @@ from rayimgcls.metrics import confusion_matrix, summary_metrics
 from rayimgcls.model import create_model, resolve_precision, use_ieee_fp32
 from rayimgcls.report import training as training_report
 from rayimgcls.rundir import (
+    WORKERS_FILE,
     MetricsLog,
     RunDir,
     checkpoint_dir_name,
@@ -151,7 +153,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda" and cfg.precision == "fp32":
         use_ieee_fp32()  # 'fp32' means fp32 on a GPU too: no TF32 matmuls or convolutions
-    _record_worker(ctx.run_dir, rank, world)
+    _record_worker(ctx.run_dir, cfg.run_name or "", rank, world)
 
     seed_everything(cfg.seed)  # identical initial weights on every worker
     model, _ = create_model(cfg.model, ctx.num_classes, model_kwargs=ctx.model_kwargs)
@@ -235,11 +237,16 @@ def train_loop(config: dict) -> None:
 
 
 class Journal:
-    """What rank 0 records: metrics.jsonl, and the trackers (TensorBoard, MLflow) fed the same lines. On
-    resume both continue from the lines metrics.jsonl kept (cut back to the checkpoint's step)."""
+    """What rank 0 records: metrics.jsonl, and the trackers (TensorBoard, MLflow) and Prometheus (telemetry) fed
+    the same lines. On resume both continue from the lines metrics.jsonl kept (cut back to the checkpoint's step)."""
 
     def __init__(self, ctx: LoopContext, cfg: TrainConfig, resume_step: int) -> None:
-        self.run_dir = ctx.run_dir
+        self.run_dir, self.run_name, self.metric, self.batch = (
+            ctx.run_dir,
+            cfg.run_name or "",
+            cfg.metric,
+            cfg.batch_size,
+        )
         run = RunDir(ctx.run_dir)
         self.metrics = MetricsLog(run, resume_step)
         self.trackers = Trackers.open(cfg, run, ctx.mlflow_run_id, self.metrics.kept)
@@ -249,6 +256,17 @@ class Journal:
 
     def add(self, **record: Any) -> None:
         self.trackers.log(self.metrics.add(**record))
+        if record["type"] == "step":
+            step_s = self.batch / max(record["images_per_s"], 1e-9)  # a global batch per optimizer step
+            telemetry.train_step(
+                self.run_name,
+                images_per_s=record["images_per_s"],
+                data_wait=record["data_wait"],
+                step_seconds=step_s,
+                loss=record["loss"],
+            )
+        elif record["type"] == "epoch" and self.metric in record:
+            telemetry.train_checkpoint(self.run_name, self.metric, float(record[self.metric]))
 
     def epoch_done(self) -> None:
         self.trackers.flush()
@@ -365,11 +383,14 @@ def _report(
     log.epoch_done()
 
 
-def _record_worker(run_dir: str, rank: int, world: int) -> None:
-    """workers.json: rank -> node, host, pid, device of this attempt (for debugging and cluster tests)."""
+def _record_worker(run_dir: str, run_name: str, rank: int, world: int) -> None:
+    """workers.json: rank -> node, host, pid, device of this attempt (for debugging and cluster tests). A file left
+    by an earlier attempt of the same job means Ray Train restarted the worker group (a resume is a new job)."""
     import ray
 
+    job = ray.get_runtime_context().get_job_id()
     info = {
+        "job_id": job,
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),
         "host": socket.gethostname(),
@@ -381,4 +402,7 @@ def _record_worker(run_dir: str, rank: int, world: int) -> None:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, info)
     if rank == 0:
-        RunDir(run_dir).write_workers(gathered)
+        runs = RunDir(run_dir)
+        if storage.exists(runs.file(WORKERS_FILE)) and runs.read_workers()[0].get("job_id") == job:
+            telemetry.train_restarted(run_name)
+        runs.write_workers(gathered)
