@@ -47,7 +47,8 @@ def _setup_logging() -> None:
     setup_logging()  # also what `python -m rayimgcls.train` calls (no callback runs there)
 
 
-DEBUG = {"on": False}  # --debug: tracebacks for user errors too (set by the app callback)
+# --debug (set by the app callback) or RAYIMGCLS_DEBUG=1 (e.g. in a job's runtime env): tracebacks for user errors too
+DEBUG = {"on": os.environ.get("RAYIMGCLS_DEBUG") == "1"}
 
 
 @app.callback()
@@ -61,7 +62,7 @@ def options(
     (rayimgcls.console): our progress and results; Ray's logs with --verbose."""
     from rayimgcls import console
 
-    DEBUG["on"] = debug
+    DEBUG["on"] = debug or DEBUG["on"]
     console.set_verbose(verbose)
     _setup_logging()
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -161,6 +162,11 @@ class RunDir:
             for f in storage.walk_files(self.path)
             if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)/{TRAIN_STATE_FILE}", f))
         }
+
+    def kept_checkpoints(self, epochs: Iterable[int]) -> set[int]:
+        """Which of `epochs` still have a complete checkpoint: one existence check each, not a recursive listing,
+        which on S3 raced Ray Train's own checkpoint bookkeeping at the end of a job and failed ("not found")."""
+        return {e for e in epochs if storage.exists(storage.join(self.path, checkpoint_dir_name(e), TRAIN_STATE_FILE))}
 
     def checkpoint(self, epoch: int) -> str:
         return self.file(checkpoint_dir_name(epoch))

@@ -186,7 +186,7 @@ def _epochs(epochs: list[dict]) -> Section:
 
 
 def _checkpoints(run: RunDir, config: dict, epochs: list[dict], summary: dict | None, metric: str) -> Section:
-    on_disk = run.checkpoint_epochs()
+    on_disk = run.kept_checkpoints(e["epoch"] for e in epochs)
     keep = config.get("num_to_keep", 1)
     has_metric = any(metric in e for e in epochs)
     scores = [_sign(metric) * e[metric] for e in epochs if metric in e]
