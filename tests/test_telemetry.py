@@ -26,7 +26,7 @@ from rayimgcls.model import read_card
 
 DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 APP = "plain"  # the 4-class application of test_serve's Serve instance
-WAIT_S = 30.0  # export interval 1 s; a loaded 2-core machine can be several seconds late
+WAIT_S = 60.0  # export interval 1 s; a loaded 2-core machine can be many seconds late
 Sample = tuple[str, dict[str, str], float]
 
 
