@@ -9,7 +9,6 @@ most MAX_THUMBNAILS pictures, CM_CLASSES classes in the matrix picture, PR_CLASS
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import pandas as pd
 
 from rayimgcls import storage
 from rayimgcls.plots import figure_png, pyplot
-from rayimgcls.report.html import Column, Html, facts, image, number, page, section, stats, tag
+from rayimgcls.report.html import Column, Html, Section, facts, image, number, page, section, stats, tag, utc_now
 from rayimgcls.report.html import table as html_table
 from rayimgcls.report.thumbnails import Thumbnail, thumbnails
 from rayimgcls.text import printable
@@ -56,14 +55,9 @@ def render(report: dict, scored: pd.DataFrame, probs: np.ndarray) -> str:
     m = report["model"]
     return page(
         f"Evaluation of {m['name']}",
-        f"{report['result_dir']} · subset {report['subset']} · {_now()}",
-        [(s[0], s[1]) for s in sections],
-        [s[2] for s in sections],
+        f"{report['result_dir']} · subset {report['subset']} · {utc_now()}",
+        sections,
     )
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def multi_hot(labels: pd.Series, num_classes: int) -> np.ndarray:
@@ -73,9 +67,6 @@ def multi_hot(labels: pd.Series, num_classes: int) -> np.ndarray:
     if lengths.sum():
         hot[np.repeat(np.arange(len(labels)), lengths), np.concatenate(labels.to_list()).astype(np.int64)] = True
     return hot
-
-
-Section = tuple[str, str, Html]  # anchor, title in the navigation, the section's HTML
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def _summary(report: dict) -> Section:
         ("subset", report["subset"]),
         ("result dir", report["result_dir"]),
         ("rows", f"{rows['selected']} selected: {rows['errors']} errors, {rows['unlabelled']} without a label"),
-        ("written", _now()),
+        ("written", utc_now()),
     ]
     if m["multilabel"]:
         items.insert(6, ("thresholds", report["thresholds"]["source"]))

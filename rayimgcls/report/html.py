@@ -9,6 +9,7 @@ unless it is `Html` built here: class names, paths and messages come from user f
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import html
 import math
@@ -138,9 +139,17 @@ def section(anchor: str, title: str, *body: Any, note: str | None = None) -> Htm
     return tag("section", tag("h2", title), tag("p", note, class_="note") if note else "", *body, id=anchor)
 
 
-def page(title: str, subtitle: Any, nav: Sequence[tuple[str, str]], body: Iterable[Any]) -> str:
-    """The whole document. `nav`: (anchor, label) of the sections, linked at the top."""
-    links = tag("nav", *(tag("a", label, href=f"#{anchor}") for anchor, label in nav))
+Section = tuple[str, str, Html]  # anchor, title in the navigation, the section's HTML
+
+
+def utc_now(seconds: bool = False) -> str:
+    """When a report was written, for its subtitle."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else "") + " UTC")
+
+
+def page(title: str, subtitle: Any, sections: Sequence[Section]) -> str:
+    """The whole document: the sections in order, each linked from the navigation at the top."""
+    links = tag("nav", *(tag("a", label, href=f"#{anchor}") for anchor, label, _ in sections))
     return (
         "<!doctype html>\n"
         + tag(
@@ -156,7 +165,7 @@ def page(title: str, subtitle: Any, nav: Sequence[tuple[str, str]], body: Iterab
             tag(
                 "body",
                 tag("header", tag("h1", title), tag("div", subtitle, class_="subtitle"), links),
-                tag("main", *body),
+                tag("main", *(body for _, _, body in sections)),
                 Html(f"<script>{SCRIPT}</script>"),
             ),
             lang="en",

@@ -9,13 +9,12 @@ curves are pictures whatever the number of steps, and at most MAX_SKIPPED skippe
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Sequence
 
 from rayimgcls import storage
 from rayimgcls.plots import figure_png, pyplot
-from rayimgcls.report.html import Column, Html, facts, image, page, section, stats, tag
+from rayimgcls.report.html import Column, Html, Section, facts, image, page, section, stats, tag, utc_now
 from rayimgcls.report.html import table as html_table
 from rayimgcls.rundir import CHECKPOINT_PREFIX, REPORT_FILE, RunDir
 
@@ -24,8 +23,6 @@ logger = logging.getLogger(__name__)
 MAX_SKIPPED = 200
 METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1")  # the validation metrics a table column shows
 TITLES = {"val_loss": "val loss", "macro_f1": "macro F1", "micro_f1": "micro F1", "map": "mAP"}
-
-Section = tuple[str, str, Html]
 
 
 def update(run_dir: str) -> None:
@@ -58,14 +55,9 @@ def render(run: RunDir) -> str:
     status = "finished" if summary and summary.get("completed") else "running"
     return page(
         f"Training run {config.get('run_name')}",
-        f"{run.path} · {status} · written {_now()}",
-        [(s[0], s[1]) for s in sections],
-        [s[2] for s in sections],
+        f"{run.path} · {status} · written {utc_now(seconds=True)}",
+        sections,
     )
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def epoch_rows(lines: list[dict]) -> list[dict]:
@@ -118,7 +110,7 @@ def _summary(
             ("took", f"{summary.get('seconds')} s"),
             ("rows", f"{summary.get('num_train')} train, {summary.get('num_validation')} validation"),
         ]
-    items.append(("written", _now()))
+    items.append(("written", utc_now(seconds=True)))
     return "summary", "Summary", section("summary", "Summary", stats(cards), facts(items))
 
 
