@@ -47,7 +47,8 @@ def _setup_logging() -> None:
     setup_logging()  # also what `python -m rayimgcls.train` calls (no callback runs there)
 
 
-# --debug (set by the app callback) or RAYIMGCLS_DEBUG=1 (e.g. in a job's runtime env): tracebacks for user errors too
+# --debug (set by the app callback) or RAYIMGCLS_DEBUG=1 (e.g. in a job's runtime env): tracebacks for user errors
+# too. Decided afresh per command: one `--debug` must not stick to later commands run in the same process.
 DEBUG = {"on": os.environ.get("RAYIMGCLS_DEBUG") == "1"}
 
 
@@ -62,7 +63,7 @@ def options(
     (rayimgcls.console): our progress and results; Ray's logs with --verbose."""
     from rayimgcls import console
 
-    DEBUG["on"] = debug or DEBUG["on"]
+    DEBUG["on"] = debug or os.environ.get("RAYIMGCLS_DEBUG") == "1"
     console.set_verbose(verbose)
     _setup_logging()
 
