@@ -459,3 +459,115 @@ def test_autocast_follows_the_precision_and_the_device():
     cpu = torch.device("cpu")
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe knobs (issue 14): each tested for its effect.
+
+
+def test_augment_presets_set_the_transform_and_the_loss_and_flags_override_them(small_root):
+    """`none` trains on exactly the eval transform with plain cross-entropy; an explicit flag beats the preset;
+    `strong` mixes; the default is `light` from scratch and timm's `standard` recipe when fine-tuning."""
+    from PIL import Image
+
+    from rayimgcls.images import eval_transform, train_transform
+    from rayimgcls.train.driver import augment_of
+    from rayimgcls.train.loop import _loss_and_mixup
+
+    _, pre = resolve_model(TrainConfig(data_root="d", model="vit_tiny_patch16_224", image_size=32), 4)
+    img = Image.open(next((small_root / "images").rglob("*.png"))).convert("RGB")
+    none = TrainConfig(data_root="d", augment="none")
+    np.testing.assert_array_equal(train_transform(pre, augment_of(none))(img), eval_transform(pre)(img))
+    assert _loss_and_mixup(none, 4)[0].label_smoothing == 0.0
+    flipped = TrainConfig(data_root="d", augment="none", hflip=1.0)
+    np.testing.assert_array_equal(train_transform(pre, augment_of(flipped))(img), eval_transform(pre)(img)[:, :, ::-1])
+    assert _loss_and_mixup(TrainConfig(data_root="d", augment="strong"), 4)[1] is not None
+    assert _loss_and_mixup(TrainConfig(data_root="d", augment="strong", mixup=0, cutmix=0), 4)[1] is None
+    scratch, tuned = TrainConfig(data_root="d"), TrainConfig(data_root="d", pretrained="w.safetensors")
+    assert (scratch.augment, scratch.crop_scale_min, scratch.color_jitter, scratch.label_smoothing) == (
+        "light",
+        0.5,
+        0.0,
+        0.0,
+    )
+    assert (tuned.augment, tuned.crop_scale_min, tuned.color_jitter, tuned.label_smoothing) == (
+        "standard",
+        0.08,
+        0.4,
+        0.1,
+    )
+    assert TrainConfig(data_root="d", augment="light", label_smoothing=0.2).label_smoothing == 0.2
+    with pytest.raises(ConfigError, match=r"augment='heavy': allowed none \| light \| standard \| strong"):
+        TrainConfig(data_root="d", augment="heavy")
+
+
+def test_grad_accumulation_gives_the_gradients_of_one_big_batch_and_clipping_bounds_them():
+    """N micro-steps of B/N through loop.backward (the loop's own step) sum to the gradient of one step of B."""
+    from rayimgcls.train.loop import backward, clip_gradients
+
+    torch.manual_seed(0)
+    model, _ = create_model("vit_tiny_patch16_224", 4, 32, model_kwargs=TINY_VIT)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def grads(n: int) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for i, (xs, ys) in enumerate(zip(x.chunk(n), y.chunk(n), strict=True)):
+            backward(model, xs, ys, loss_fn, None, n, sync=i == n - 1)
+        return [p.grad.clone() for p in model.parameters()]
+
+    one = grads(1)
+    for n in (2, 4):
+        for a, b in zip(one, grads(n), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in one]))
+    clip_gradients(model, TrainConfig(data_root="d", clip_grad=float(norm) / 10))
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert abs(float(clipped) - float(norm) / 10) < 1e-3 * float(norm)
+    biggest = max(float(g.abs().max()) for g in one)
+    for p, g in zip(model.parameters(), one, strict=True):
+        p.grad = g.clone()
+    clip_gradients(model, TrainConfig(data_root="d", clip_grad=biggest / 4, clip_mode="value"))
+    assert max(float(p.grad.abs().max()) for p in model.parameters()) == pytest.approx(biggest / 4)
+    with pytest.raises(ConfigError, match=r"batch_size=12: must divide evenly by num_workers=2 x grad_accum_steps=4"):
+        TrainConfig(data_root="d", batch_size=12, num_workers=2, grad_accum_steps=4)
+
+
+@pytest.fixture(scope="module")
+def knobs(ray_session, small_root, tmp_path_factory):
+    """One 2-worker run with accumulation (DDP no_sync), clipping, the `none` preset and squash preprocessing."""
+    cfg = tiny_config(
+        small_root,
+        tmp_path_factory.mktemp("knobs"),
+        "knobs",
+        num_workers=2,
+        cpus_per_worker=0.5,
+        num_epochs=1,
+        grad_accum_steps=2,
+        clip_grad=1.0,
+        augment="none",
+        crop_mode="squash",
+        mean="0.5,0.5,0.5",
+        std="0.25,0.25,0.25",
+    )
+    return cfg, run(cfg)
+
+
+@pytest.mark.timeout(300)
+def test_accumulated_run_counts_optimizer_steps_and_stores_its_preprocessing(knobs):
+    from rayimgcls.images import eval_transform
+    from rayimgcls.model import Predictor
+
+    cfg, summary = knobs
+    steps = [x for x in metrics_lines(cfg) if x["type"] == "step"]
+    per_worker_rows = len(prepare_data(cfg).train) // 2
+    assert summary["steps"] == steps_per_epoch_of(cfg) == len(steps) == per_worker_rows // 8  # not micro-steps of 4
+    _, card = load_model_dir(summary["model_dir"])
+    assert (card.preprocess.crop_mode, card.preprocess.mean, card.preprocess.std) == ("squash", (0.5,) * 3, (0.25,) * 3)
+    predictor = Predictor.from_dir(summary["model_dir"])
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (200, 10, 10))
+    np.testing.assert_array_equal(predictor.preprocess(wide), eval_transform(card.preprocess)(wide))
+    with pytest.raises(ConfigError, match=r"crop_mode: 'squash' -> 'center'"):
+        run(TrainConfig(**{**cfg.__dict__, "crop_mode": "center"}))

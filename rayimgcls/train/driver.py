@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pandas as pd
 import torch
 
 from rayimgcls import storage
-from rayimgcls.config import ConfigError, TrainConfig, diff
+from rayimgcls.config import ConfigError, TrainConfig, diff, float_triple
 from rayimgcls.dataset import (
     LABELS_CSV,
     ClassInfo,
@@ -173,7 +174,21 @@ def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessC
             attention_dropout_rate=cfg.attention_dropout_rate,
             model_kwargs=cfg.model_kwargs,
         )
-    return kwargs, PreprocessConfig.from_model(model, cfg.image_size)
+    return kwargs, preprocess_of(cfg, PreprocessConfig.from_model(model, cfg.image_size))
+
+
+def preprocess_of(cfg: TrainConfig, model_default: PreprocessConfig) -> PreprocessConfig:
+    """The timm model's preprocessing with the --crop-pct/--crop-mode/--interpolation/--mean/--std given."""
+    given = {k: getattr(cfg, k) for k in ("crop_pct", "crop_mode", "interpolation") if getattr(cfg, k) is not None}
+    for name in ("mean", "std"):
+        if getattr(cfg, name) is not None:
+            given[name] = float_triple(getattr(cfg, name), -math.inf)
+    return dataclasses.replace(model_default, **given)
+
+
+def augment_of(cfg: TrainConfig) -> Augment:
+    """The train transform's switches (the preset already resolved into cfg)."""
+    return Augment(cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment)
 
 
 def pretrained_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
@@ -209,10 +224,7 @@ def build_trainer(
     from rayimgcls.data import DecodeSpec, image_dataset
 
     DataContext.get_current().enable_progress_bars = False  # travels with the datasets to the workers
-    augment = Augment(
-        cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment
-    )
-    spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment, data.classes.num_classes, cfg.multilabel)
+    spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment_of(cfg), data.classes.num_classes, cfg.multilabel)
     # Rows permuted once (seeded) so that every block mixes the classes: CSVs often list them one after another
     # (from-folders does), and per-epoch shuffling below only reorders blocks and mixes a few batches' rows.
     rows = data.train.sample(frac=1.0, random_state=cfg.seed)

@@ -8,6 +8,7 @@ metrics.jsonl (and the trackers fed from it) is cut back to the checkpoint's ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -179,7 +180,7 @@ def train_loop(config: dict) -> None:
 
     loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes)
     amp = autocast_dtype(cfg.precision, device)
-    batch_size = cfg.batch_size // world
+    batch_size = cfg.batch_size // world // cfg.grad_accum_steps  # a micro-batch
     for epoch in range(start_epoch, cfg.num_epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
         model.train()
@@ -196,6 +197,8 @@ def train_loop(config: dict) -> None:
             dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
             pin_memory=device.type == "cuda",  # pinned pages make Ray's copy to the GPU asynchronous
         )
+        optimizer.zero_grad(set_to_none=True)  # a shard that ended mid-accumulation leaves nothing behind
+        micro, loss_sum = 0, 0.0
         for wait, batch in timed(iter(batches)):
             if steps == ctx.steps_per_epoch:
                 break  # equal shards make this rare; never step the schedule past its end
@@ -203,15 +206,19 @@ def train_loop(config: dict) -> None:
             y = batch["label"]
             if mixup is not None:
                 x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_fn(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro += 1
+            last = micro % cfg.grad_accum_steps == 0
+            loss_sum += backward(model, x, y, loss_fn, amp, cfg.grad_accum_steps, sync=last)
+            window.add(len(x) * world, wait)
+            if not last:
+                continue
+            clip_gradients(model, cfg)
             optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss, loss_sum = torch.tensor(loss_sum), 0.0
             global_step, steps = global_step + 1, steps + 1
             epoch_loss += loss.item()
-            window.add(len(x) * world, wait)
             if log is not None and global_step % cfg.logging_steps == 0:
                 rate, wait_frac = window.flush()
                 lr = scheduler.get_last_lr()[0]
@@ -237,6 +244,35 @@ def train_loop(config: dict) -> None:
             log.finish(cfg, ctx.class_names, confusion)
     if log is not None:
         log.close()
+
+
+def backward(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Any,
+    amp: torch.dtype | None,
+    accum_steps: int,
+    sync: bool,
+) -> float:
+    """Add one micro-batch's gradients (the loss scaled by 1/accum_steps, so N micro-batches of B/N sum to the
+    gradient of one batch of B). DDP all-reduces only when `sync` (the last micro-step): the others
+    accumulate locally under no_sync. Returns the micro-batch's share of the step's loss."""
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(model(x).float(), y) / accum_steps
+        loss.backward()
+    return loss.item()
+
+
+def clip_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """--clip-grad: the total L2 norm (timm's default 'norm') or each element ('value') at most clip_grad."""
+    if cfg.clip_grad is None:
+        return
+    if cfg.clip_mode == "norm":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    else:
+        torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_grad)
 
 
 class Journal:
