@@ -96,6 +96,12 @@ class TrainConfig:
     output_dir: str | None = opt(None, "Where the model directory goes; default <storage_path>/<run_name>/model.")
     num_to_keep: int = opt(2, "Checkpoints kept (the best by checkpoint_metric).")
     checkpoint_metric: str | None = opt(None, "Validation metric that ranks checkpoints; default top1 or map.")
+    early_stopping_patience: int | None = opt(
+        None, "Stop after this many epochs without the checkpoint metric improving, >= 1 (needs validation rows)."
+    )
+    early_stopping_min_delta: float = opt(
+        0.0, "Smallest change of the checkpoint metric that counts as improving, >= 0."
+    )
     max_failures: int = opt(0, "Worker failures tolerated; each restarts from the last checkpoint.")
     seed: int = opt(0, "Random seed.")
     skip_bad_rows: bool = opt(False, "Skip unreadable rows, recorded in skipped_rows.csv (default: fail).")
@@ -111,6 +117,8 @@ class TrainConfig:
     RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
         {
             "num_epochs",
+            "early_stopping_patience",
+            "early_stopping_min_delta",
             "max_failures",
             "output_dir",
             "logging_steps",
@@ -166,6 +174,13 @@ class TrainConfig:
                 self.checkpoint_metric in (None, *CHECKPOINT_METRICS),
                 " | ".join(CHECKPOINT_METRICS),
             ),
+            _check(
+                self,
+                "early_stopping_patience",
+                self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                ">= 1",
+            ),
+            _check(self, "early_stopping_min_delta", self.early_stopping_min_delta >= 0, ">= 0"),
             _check(self, "max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited"),
             _check(
                 self,

@@ -571,3 +571,37 @@ def test_accumulated_run_counts_optimizer_steps_and_stores_its_preprocessing(kno
     np.testing.assert_array_equal(predictor.preprocess(wide), eval_transform(card.preprocess)(wide))
     with pytest.raises(ConfigError, match=r"crop_mode: 'squash' -> 'center'"):
         run(TrainConfig(**{**cfg.__dict__, "crop_mode": "center"}))
+
+
+def test_early_stopping_rule():
+    from rayimgcls.train.loop import should_stop
+
+    cfg = TrainConfig(data_root="d", early_stopping_patience=2, early_stopping_min_delta=0.01)
+    top1 = [{"top1": v} for v in (0.5, 0.7, 0.705, 0.69)]
+    assert [should_stop(cfg, top1[:n]) for n in (1, 2, 3, 4)] == [False, False, False, True]
+    loss = TrainConfig(data_root="d", early_stopping_patience=1, checkpoint_metric="val_loss")
+    assert not should_stop(loss, [{"val_loss": 1.0}, {"val_loss": 0.9}])
+    assert should_stop(loss, [{"val_loss": 1.0}, {"val_loss": 1.1}])
+
+
+@pytest.mark.timeout(400)
+def test_early_stopping_ends_every_worker_and_the_run_counts_as_complete(ray_session, small_root, tmp_path, capsys):
+    """min_delta 1.0 cannot be met by top-1: with patience 1, two workers stop together after epoch 2 of 4
+    (a worker stopping alone would hang the other at its report), the run succeeds, and re-running it exports
+    again instead of training on."""
+    cfg = tiny_config(
+        small_root,
+        tmp_path,
+        "early",
+        num_workers=2,
+        cpus_per_worker=0.5,
+        num_epochs=4,
+        early_stopping_patience=1,
+        early_stopping_min_delta=1.0,
+    )
+    summary = run(cfg)
+    assert summary["completed"] and summary["stopped_early"] and summary["final"]["epoch"] == 2
+    assert [x["epoch"] for x in metrics_lines(cfg) if x["type"] == "early_stop"] == [2]
+    assert read_card(summary["model_dir"]).training["exported_epoch"] == summary["best_epoch"]
+    again = run(TrainConfig(**{**cfg.__dict__, "num_epochs": 6}))
+    assert "is complete" in capsys.readouterr().out and again["final"]["epoch"] == 2

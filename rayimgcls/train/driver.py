@@ -92,8 +92,12 @@ def check_resume(cfg: TrainConfig) -> str:
             f"--num-epochs {done} (exports the finished run again) or more (trains on), or a new --run-name"
         )
     summary = run.read_summary()
-    if summary and summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
-        return "complete"
+    if (
+        summary
+        and summary.get("completed")
+        and (summary.get("epochs") == cfg.num_epochs or summary.get("stopped_early"))
+    ):
+        return "complete"  # a run that stopped early is finished, whatever num_epochs says now
     return "resume"
 
 
@@ -358,6 +362,8 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
     state = check_resume(cfg)
     data = prepare_data(cfg)
+    if cfg.early_stopping_patience and not len(data.validation):
+        raise ConfigError("early_stopping_patience: needs rows with subset 'validation' (it watches their metric)")
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
     if state == "complete":
         return reexport(cfg, data, model_kwargs, pre)
@@ -398,7 +404,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
 def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
     """A finished run: export its best checkpoint again (to a new --output-dir, say). Nothing trains, so Ray is
     not started, and the summary keeps the figures of the run; only model_dir changes."""
-    print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again", flush=True)
+    print(f"run {cfg.run_name} is complete; exporting its best checkpoint again", flush=True)
     run_dir = RunDir.of(cfg)
     summary = run_dir.read_summary() or {}
     checkpoint, best = best_checkpoint(_load_result(run_dir), cfg, bool(len(data.validation)))
@@ -430,6 +436,7 @@ def finish(
         "run_name": cfg.run_name,
         "completed": True,
         "epochs": cfg.num_epochs,
+        "stopped_early": bool(epochs) and epochs[-1]["epoch"] < cfg.num_epochs,  # early stopping (else a crash)
         "steps": epochs[-1]["step"] if epochs else 0,
         "metric": cfg.metric,
         "best_epoch": best.get("epoch"),

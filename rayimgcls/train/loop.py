@@ -239,9 +239,18 @@ def train_loop(config: dict) -> None:
         if ctx.has_validation and rank == 0:
             scores, confusion = evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp)
             metrics.update(scores)
+        stop = agree(log is not None and should_stop(cfg, [*log.epochs(), metrics]), world, device)
         _report(ctx, model, optimizer, scheduler, metrics, rank, log)
-        if log is not None and epoch + 1 == cfg.num_epochs:
+        if log is not None and stop:
+            say(
+                f"early stopping after epoch {epoch + 1}: {cfg.metric} has not improved"
+                f" for {cfg.early_stopping_patience} epoch(s)"
+            )
+            log.add(type="early_stop", epoch=epoch + 1, step=global_step)
+        if log is not None and (stop or epoch + 1 == cfg.num_epochs):
             log.finish(cfg, ctx.class_names, confusion)
+        if stop:
+            break
     if log is not None:
         log.close()
 
@@ -275,6 +284,27 @@ def clip_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
         torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_grad)
 
 
+def should_stop(cfg: TrainConfig, epochs: list[dict]) -> bool:
+    """Early stopping on the checkpoint metric: the last `early_stopping_patience` epochs all failed to beat the
+    best before them by `early_stopping_min_delta`. Read from the epoch lines, so a resumed run counts on."""
+    patience, metric = cfg.early_stopping_patience, cfg.metric
+    values = [e[metric] for e in epochs if metric in e]
+    if patience is None or len(values) <= patience:
+        return False
+    sign = -1 if metric == "val_loss" else 1
+    best_before = max(sign * v for v in values[:-patience])
+    return all(sign * v < best_before + cfg.early_stopping_min_delta for v in values[-patience:])
+
+
+def agree(decision: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's decision on every worker (a worker that stopped alone would hang the others at the next report)."""
+    if world == 1:
+        return decision
+    flag = torch.tensor([int(decision)], device=device)  # NCCL broadcasts only CUDA tensors
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 class Journal:
     """What rank 0 records: metrics.jsonl, and the trackers (TensorBoard, MLflow) fed the same lines. On
     resume both continue from the lines metrics.jsonl kept (cut back to the checkpoint's step)."""
@@ -286,6 +316,9 @@ class Journal:
 
     def add(self, **record: Any) -> None:
         self.trackers.log(self.metrics.add(**record))
+
+    def epochs(self) -> list[dict]:
+        return [x for x in self.metrics.lines if x["type"] == "epoch"]
 
     def epoch_done(self) -> None:
         self.trackers.flush()
