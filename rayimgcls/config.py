@@ -57,6 +57,9 @@ class TrainConfig:
     image_size: int = opt(224, "Square input size in pixels.")
     pretrained: str | None = opt(None, "Local weights (.safetensors, or a .pth/.bin state dict) or a timm hub name.")
     precision: str = opt("auto", "auto (bf16 where the hardware runs it faster), fp32 or bf16.")
+    class_weights: str = opt(
+        "none", "none | auto (inverse class frequency of the train rows; pos_weight for multi-label) | a JSON file."
+    )
     # --- optimisation ---
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; batch_size stays the effective global batch.")
     clip_grad: float | None = opt(None, "Clip gradients at this value, > 0 (default: no clipping).")
@@ -199,6 +202,8 @@ class TrainConfig:
             errors.append("data_root: required (the folder or URI holding labels.csv)")
         if self.register_model is not None and not self.mlflow_tracking_uri:
             errors.append(f"register_model={self.register_model!r}: needs mlflow_tracking_uri (the registry)")
+        if self.class_weights != "none" and (self.mixup or self.cutmix):
+            errors.append(f"class_weights={self.class_weights!r}: not with mixup/cutmix (their soft-target loss)")
         if self.multilabel and (self.mixup or self.cutmix):
             errors.append("mixup/cutmix: not supported with multilabel (they mix single-class targets)")
         _raise_if(errors, "training")

@@ -605,3 +605,57 @@ def test_early_stopping_ends_every_worker_and_the_run_counts_as_complete(ray_ses
     assert read_card(summary["model_dir"]).training["exported_epoch"] == summary["best_epoch"]
     again = run(TrainConfig(**{**cfg.__dict__, "num_epochs": 6}))
     assert "is complete" in capsys.readouterr().out and again["final"]["epoch"] == 2
+
+
+def imbalanced_root(path: Path) -> Path:
+    """110 train rows, 10:1 (the pixels do not matter here: the weights come from the labels)."""
+    from PIL import Image
+
+    (path / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(path / "images" / "x.png")
+    rows = [f"images/x.png,{int(i >= 100)},train" for i in range(110)]
+    (path / "labels.csv").write_text("image_path,label,subset\n" + "\n".join(rows) + "\n")
+    (path / "class_to_idx.json").write_text('{"common": 0, "rare": 1}')
+    return path
+
+
+def test_class_weights_raise_the_minority_recall_on_a_ten_to_one_set(tmp_path):
+    """auto weights the classes by inverse frequency; trained with the loop's own loss on overlapping
+    10:1 Gaussians, the rare class's recall rises by more than 0.25, to over 0.7 (seeded, full batch)."""
+    from rayimgcls.train.driver import class_weights
+    from rayimgcls.train.loop import _loss_and_mixup
+
+    root = imbalanced_root(tmp_path / "data")
+    cfg = TrainConfig(data_root=str(root), augment="none", class_weights="auto")
+    data = prepare_data(cfg)
+    weights = class_weights(cfg, data)
+    assert weights == pytest.approx([110 / 200, 110 / 20])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1000, 2, generator=gen), torch.randn(100, 2, generator=gen) + 1.5])
+    y = torch.cat([torch.zeros(1000, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+
+    def rare_recall(w: list[float] | None) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        loss_fn, _ = _loss_and_mixup(cfg, 2, w)
+        for _ in range(300):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return float((model(x[y == 1]).argmax(1) == 1).float().mean())
+
+    plain, weighted = rare_recall(None), rare_recall(weights)
+    assert weighted > 0.7 and weighted - plain > 0.25, (plain, weighted)  # measured 0.45 -> 0.83
+    # a file: a list, or a map by class name (others keep 1.0), refused with the file named when wrong
+    (tmp_path / "w.json").write_text('{"rare": 4}')
+    named = TrainConfig(data_root=str(root), class_weights=str(tmp_path / "w.json"))
+    assert class_weights(named, data) == [1.0, 4.0]
+    (tmp_path / "w.json").write_text('{"rar": 4}')
+    with pytest.raises(ConfigError, match=r"w\.json: unknown class name\(s\) 'rar'"):
+        class_weights(named, data)
+    (tmp_path / "w.json").write_text("[1, -2]")
+    with pytest.raises(ConfigError, match=r"w\.json: weight 1 \('rare'\) is -2"):
+        class_weights(named, data)
+    ml = TrainConfig(data_root=str(root), multilabel=True, class_weights="auto")
+    assert class_weights(ml, prepare_data(ml)) == pytest.approx([10 / 100, 100 / 10])  # negatives / positives

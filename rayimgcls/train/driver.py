@@ -9,12 +9,14 @@ server), refuses resources the cluster can never give, starts a TorchTrainer who
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -48,6 +50,7 @@ from rayimgcls.rundir import (
     summary_table,
 )
 from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
+from rayimgcls.text import printable
 from rayimgcls.train import tracking
 from rayimgcls.train.loop import LoopContext, train_loop
 
@@ -122,6 +125,40 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if len(train) == 0:
         raise DatasetError([Problem(LABELS_CSV, None, "no rows with subset 'train'", "no_train_rows")])
     return PreparedData(train, validation, classes, problems)
+
+
+def class_weights(cfg: TrainConfig, data: PreparedData) -> list[float] | None:
+    """--class-weights: None, the inverse class frequency of the train rows (n / (classes x count), as
+    scikit-learn's 'balanced'; for multi-label BCE the pos_weight negatives / positives), or a JSON file: a
+    list with one weight per class or a {class name: weight} map (classes not named keep 1.0)."""
+    if cfg.class_weights == "none":
+        return None
+    names = data.classes.names
+    if cfg.class_weights == "auto":
+        counts = np.zeros(len(names))
+        for labels in data.train["labels"]:
+            counts[list(labels)] += 1
+        n = len(data.train)
+        weights = (n - counts) / np.maximum(counts, 1) if cfg.multilabel else n / (len(names) * np.maximum(counts, 1))
+        return [round(float(w), 6) for w in weights]
+    source = cfg.class_weights
+    try:
+        loaded = json.loads(storage.read_text(source))
+    except (OSError, FileNotFoundError) as e:
+        raise ConfigError(f"class_weights={source!r}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"class_weights={source!r}: not JSON ({e})") from None
+    if isinstance(loaded, dict):
+        unknown = [k for k in loaded if k not in names]
+        if unknown:
+            raise ConfigError(f"{source}: unknown class name(s) {', '.join(map(repr, unknown[:5]))}")
+        loaded = [loaded.get(name, 1.0) for name in names]
+    if not isinstance(loaded, list) or len(loaded) != len(names):
+        raise ConfigError(f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map")
+    for i, w in enumerate(loaded):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < math.inf:
+            raise ConfigError(f"{source}: weight {i} ({names[i]!r}) is {w!r}; expected a number >= 0")
+    return [float(w) for w in loaded]
 
 
 def worker_cpus(cfg: TrainConfig) -> float:
@@ -251,6 +288,7 @@ def build_trainer(
         has_validation=bool(len(data.validation)),
         pretrained_state=ray.put(state) if state is not None else None,
         mlflow_run_id=mlflow_run_id,
+        class_weights=class_weights(cfg, data),
     )
     metric = cfg.metric if len(data.validation) else None
     storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
@@ -362,6 +400,10 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
     state = check_resume(cfg)
     data = prepare_data(cfg)
+    weights = class_weights(cfg, data)  # a bad file fails here, before Ray starts
+    if weights is not None:
+        shown = ", ".join(f"{printable(n)} {w:.3g}" for n, w in zip(data.classes.names, weights, strict=True))
+        print(f"class weights: {shown}", flush=True)
     if cfg.early_stopping_patience and not len(data.validation):
         raise ConfigError("early_stopping_patience: needs rows with subset 'validation' (it watches their metric)")
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)

@@ -55,6 +55,7 @@ class LoopContext:
     has_validation: bool
     pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
     mlflow_run_id: str | None = None  # the MLflow run the driver opened, when tracking there
+    class_weights: list[float] | None = None  # per class (CE weight, BCE pos_weight), from --class-weights
 
 
 def say(message: str) -> None:
@@ -178,7 +179,8 @@ def train_loop(config: dict) -> None:
         say(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
         log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
 
-    loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes)
+    loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes, ctx.class_weights)
+    loss_fn = loss_fn.to(device)  # the class weights, if any
     amp = autocast_dtype(cfg.precision, device)
     batch_size = cfg.batch_size // world // cfg.grad_accum_steps  # a micro-batch
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -351,10 +353,12 @@ def _label_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32 if cfg.multilabel else torch.int64
 
 
-def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
-    """Cross-entropy (label smoothing, or soft targets under MixUp/CutMix) or BCE-with-logits."""
+def _loss_and_mixup(cfg: TrainConfig, num_classes: int, weights: list[float] | None = None) -> tuple[Any, Any]:
+    """Cross-entropy (label smoothing and class weights, or soft targets under MixUp/CutMix) or BCE-with-logits
+    (class weights as pos_weight)."""
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
     if cfg.multilabel:
-        return torch.nn.BCEWithLogitsLoss(), None
+        return torch.nn.BCEWithLogitsLoss(pos_weight=w), None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
@@ -363,7 +367,7 @@ def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
         )
         return SoftTargetCrossEntropy(), mixup
-    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), None
+    return torch.nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.label_smoothing), None
 
 
 @torch.no_grad()
