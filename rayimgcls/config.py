@@ -63,6 +63,9 @@ class TrainConfig:
     # --- optimisation ---
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step; batch_size stays the effective global batch.")
     clip_grad: float | None = opt(None, "Clip gradients at this value, > 0 (default: no clipping).")
+    layer_decay: float | None = opt(
+        None, "Layer-wise LR decay for ViT fine-tuning, 0 < x <= 1: block i of n gets lr x decay^(n - i) (timm)."
+    )
     clip_mode: str = opt("norm", "norm (total L2 norm of all gradients) | value (each element).")
     # --- augmentation: a preset, and each field below overrides it when given (None: from the preset) ---
     augment: str | None = opt(
@@ -156,6 +159,7 @@ class TrainConfig:
             *self._resolve_augment(),
             _check(self, "grad_accum_steps", self.grad_accum_steps >= 1, ">= 1"),
             _check(self, "clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0"),
+            _check(self, "layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "0 < x <= 1"),
             _check(self, "clip_mode", self.clip_mode in CLIP_MODES, " | ".join(CLIP_MODES)),
             _check(self, "crop_pct", self.crop_pct is None or 0 < self.crop_pct <= 1, "0 < x <= 1"),
             _check(self, "crop_mode", self.crop_mode in (None, *CROP_MODES), " | ".join(CROP_MODES)),

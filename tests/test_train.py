@@ -659,3 +659,26 @@ def test_class_weights_raise_the_minority_recall_on_a_ten_to_one_set(tmp_path):
         class_weights(named, data)
     ml = TrainConfig(data_root=str(root), multilabel=True, class_weights="auto")
     assert class_weights(ml, prepare_data(ml)) == pytest.approx([10 / 100, 100 / 10])  # negatives / positives
+
+
+def test_layer_decay_scales_the_learning_rate_of_each_block():
+    """At the OneCycle peak the head runs at learning_rate, the last block at x decay and the first block at
+    x decay^depth (timm's layer ids: the embedding 0, block i i+1, the head depth+1)."""
+    model, _ = create_model("vit_tiny_patch16_224", 4, 32, model_kwargs={**TINY_VIT, "depth": 3})
+    cfg = TrainConfig(data_root="d", learning_rate=1e-3, weight_decay=0.05, layer_decay=0.5)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=100)
+    for _ in range(30):  # OneCycleLR peaks at 30% of the steps
+        optimizer.step()
+        scheduler.step()
+    ids = {id(p): name for name, p in model.named_parameters()}
+
+    def lr_of(name: str) -> float:
+        return next(g["lr"] for g in optimizer.param_groups if any(ids[id(p)] == name for p in g["params"]))
+
+    head = lr_of("head.weight")
+    assert head == pytest.approx(1e-3, rel=1e-2)
+    assert lr_of("blocks.2.mlp.fc1.weight") == pytest.approx(head * 0.5)
+    assert lr_of("blocks.0.mlp.fc1.weight") == pytest.approx(head * 0.5**3)
+    assert lr_of("patch_embed.proj.weight") == pytest.approx(head * 0.5**4)
+    decay = {ids[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay["blocks.0.mlp.fc1.weight"] == 0.05 and decay["blocks.0.mlp.fc1.bias"] == 0.0

@@ -80,9 +80,22 @@ def seed_everything(seed: int) -> None:
 def build_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=total_steps)
+    """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps. With
+    layer_decay, timm's layer groups (no weight decay on biases and norms) each peak at learning_rate x their
+    lr_scale: OneCycleLR sets every group's lr itself, so the scales go in as its per-group max_lr."""
+    if cfg.layer_decay is None:
+        groups: list[dict] = [{"params": list(model.parameters())}]
+        peaks = [cfg.learning_rate]
+    else:
+        from timm.optim import param_groups_layer_decay
+
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_layer_decay(
+            model, weight_decay=cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
+        peaks = [cfg.learning_rate * g.get("lr_scale", 1.0) for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps)
     return optimizer, scheduler
 
 
