@@ -256,16 +256,39 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def fitted(width: int, height: int, side: int) -> tuple[int, int]:
+    """The (width, height) that fits a `side` x `side` square with the aspect kept (the longer side -> `side`)."""
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def pad_to_square(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre `img` on a `size` x `size` canvas of `fill` (a side longer than `size` is centre-cropped)."""
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+    return canvas
+
+
+def mean_fill(pre: PreprocessConfig) -> tuple[int, int, int]:
+    """The padding colour of `border`: the normalisation mean, which normalises to zero (as timm pads)."""
+    return tuple(round(255 * m) for m in pre.mean)  # type: ignore[return-value]
+
+
 def eval_transform(pre: PreprocessConfig) -> Transform:
     """Resize + centre crop -> uint8 (3, S, S): timm's eval transform (same geometry, same PIL resampling)
     without the normalisation, in plain PIL so decode tasks need not import torch. `center` resizes the
-    shorter side to `resize_side`; `squash` resizes both sides to it (the aspect ratio is not kept)."""
+    shorter side to `resize_side`; `squash` resizes both sides to it (the aspect ratio is not kept); `border`
+    fits the longer side to it and pads the shorter with the mean colour (timm's ResizeKeepRatio +
+    CenterCropOrPad). Each computes at most a few crops' worth of pixels, whatever the image's shape."""
     resample, side, size = _interpolation(pre.interpolation), pre.resize_side, pre.input_size
     if pre.crop_mode == "center":
         return lambda img: to_chw(resize_and_crop(img, resized_shorter(*img.size, side), size, resample))
     if pre.crop_mode == "squash":
         return lambda img: to_chw(resize_and_crop(img, (side, side), size, resample))
-    raise ValueError(f"crop_mode {pre.crop_mode!r}: supported are center and squash")
+    if pre.crop_mode == "border":
+        fill = mean_fill(pre)
+        return lambda img: to_chw(pad_to_square(img.resize(fitted(*img.size, side), resample), size, fill))
+    raise ValueError(f"crop_mode {pre.crop_mode!r}: supported are center, squash and border")
 
 
 @dataclass(frozen=True)
@@ -283,35 +306,40 @@ class Augment:
 class TrainTransform:
     """Random resized crop (timm's algorithm), flips, colour jitter and optionally timm's RandAugment ->
     uint8 (3, S, S). Plain PIL and Python's `random` (which the caller seeds), so decode tasks stay light;
-    timm is imported only when RandAugment is asked for."""
+    timm is imported only when RandAugment is asked for. Without the random crop the geometry is the eval
+    transform's. Under crop_mode `squash` and `border` the random crop's aspect range is relative to the
+    image (at full scale it keeps the whole image, as evaluation does), and `border` pads the crop to a
+    square instead of stretching it."""
 
     def __init__(self, pre: PreprocessConfig, aug: Augment) -> None:
-        self.size, self.aug = pre.input_size, aug
+        self.size, self.aug, self.crop_mode, self.fill = pre.input_size, aug, pre.crop_mode, mean_fill(pre)
         self.resample = _interpolation(pre.interpolation)
+        self.geometry = None if aug.random_resized_crop else eval_transform(pre)
         self.randaugment = None
         if aug.randaugment:
             from timm.data.auto_augment import rand_augment_transform
 
-            mean = tuple(round(255 * m) for m in pre.mean)
             self.randaugment = rand_augment_transform(
-                aug.randaugment, {"img_mean": mean, "translate_const": int(self.size * 0.45)}
+                aug.randaugment, {"img_mean": self.fill, "translate_const": int(self.size * 0.45)}
             )
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of a random crop with area in [crop_scale_min, 1] of the image and
-        aspect ratio log-uniform in [3/4, 4/3]; after 10 misses, the largest centred crop in that range."""
+        aspect ratio log-uniform in [3/4, 4/3] (relative to the image's own under squash and border); after
+        10 misses, the largest centred crop in that range."""
         ratio = (3 / 4, 4 / 3)
-        if self.aug.random_resized_crop:
-            area = width * height
-            for _ in range(10):
-                target = random.uniform(self.aug.crop_scale_min, 1.0) * area
-                aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
-                w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-                if w <= width and h <= height:
-                    top, left = random.randint(0, height - h), random.randint(0, width - w)
-                    return left, top, left + w, top + h
-        else:
-            ratio = (1.0, 1.0)  # no random crop: the largest centred square
+        relative = self.crop_mode != "center"
+        base = width / height if relative else 1.0
+        area = width * height
+        for _ in range(10):
+            target = random.uniform(self.aug.crop_scale_min, 1.0) * area
+            aspect = base * math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if w <= width and h <= height:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                return left, top, left + w, top + h
+        if relative:
+            return 0, 0, width, height
         w, h = width, height
         if width / height < ratio[0]:
             h = int(round(width / ratio[0]))
@@ -320,8 +348,18 @@ class TrainTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
+    def resized_crop(self, img: Image.Image) -> Image.Image:
+        box = self.crop_box(*img.size)
+        if self.crop_mode != "border":
+            return img.resize((self.size, self.size), self.resample, box=box)
+        kept = fitted(box[2] - box[0], box[3] - box[1], self.size)
+        return pad_to_square(img.resize(kept, self.resample, box=box), self.size, self.fill)
+
     def __call__(self, img: Image.Image) -> np.ndarray:
-        img = img.resize((self.size, self.size), self.resample, box=self.crop_box(*img.size))
+        if self.geometry is not None:
+            img = Image.fromarray(self.geometry(img).transpose(1, 2, 0))
+        else:
+            img = self.resized_crop(img)
         if random.random() < self.aug.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if random.random() < self.aug.vflip:

@@ -134,6 +134,40 @@ def test_train_transform_is_random_but_shaped_like_eval():
     np.testing.assert_array_equal(fixed(RGB), fixed(RGB))
 
 
+def two_to_one() -> Image.Image:
+    """A 64x32 picture whose outer quarters are red (left) and blue (right): a centre crop loses both."""
+    a = np.full((32, 64, 3), 128, np.uint8)
+    a[:, :8] = (255, 0, 0)
+    a[:, 56:] = (0, 0, 255)
+    return Image.fromarray(a)
+
+
+def keeps_both_ends(chw: np.ndarray) -> bool:
+    r, g, b = chw.astype(int)
+    return bool(((r > 200) & (b < 50)).any() and ((b > 200) & (r < 50)).any())
+
+
+def test_squash_and_border_keep_both_halves_of_a_two_to_one_image():
+    """The measured failure of issue 14: on 2:1 images the centre crop keeps half of each digit. Under squash
+    and border the eval transform, the `none` preset (no random crop) and a full-scale random resized crop
+    all keep both ends; border pads with the mean colour instead of stretching."""
+    img = two_to_one()
+    light_full = Augment(crop_scale_min=1.0, hflip=0.0, color_jitter=0.0)
+    none = Augment(random_resized_crop=False, crop_scale_min=1.0, hflip=0.0, color_jitter=0.0)
+    random.seed(0)
+    for mode in ("squash", "border"):
+        pre = PreprocessConfig(input_size=32, crop_pct=1.0, crop_mode=mode)
+        assert keeps_both_ends(eval_transform(pre)(img)), mode
+        assert all(keeps_both_ends(train_transform(pre, light_full)(img)) for _ in range(10)), mode
+        np.testing.assert_array_equal(train_transform(pre, none)(img), eval_transform(pre)(img))
+    center = PreprocessConfig(input_size=32, crop_pct=1.0, crop_mode="center")
+    assert not keeps_both_ends(eval_transform(center)(img))
+    assert not any(keeps_both_ends(train_transform(center, light_full)(img)) for _ in range(10))
+    border = eval_transform(PreprocessConfig(input_size=32, crop_pct=1.0, crop_mode="border"))(img)
+    assert border.shape == (3, 32, 32) and tuple(border[:, 0, 16]) == (124, 116, 104)  # the mean, padded on top
+    assert tuple(border[:, 16, 0]) == (255, 0, 0)  # the long side is fitted, not cropped
+
+
 def test_reduced_jpeg_decode_keeps_the_picture():
     """draft() decoding of a big JPEG stays within a few grey levels of the full decode after resizing."""
     from rayimgcls.synth import render_image
@@ -171,9 +205,9 @@ import io
 for size in [(1, 40_000_000), (100_000, 1), (1, 100_000)]:
     buf = io.BytesIO()
     Image.new("L", size, 128).save(buf, "PNG")
-    for mode in ("center", "squash"):
+    for mode in ("center", "squash", "border"):
         out = preprocess(buf.getvalue(), PreprocessConfig(input_size=224, crop_mode=mode))
-        assert out.shape == (3, 224, 224) and int(out.mean()) == 128, (size, mode, out.mean())
+        assert out.shape == (3, 224, 224) and (out == 128).all(axis=0).any(), (size, mode)  # border pads the rest
 print("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MB peak")
 """
 

@@ -9,17 +9,20 @@ server), refuses resources the cluster can never give, starts a TorchTrainer who
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from rayimgcls import console, storage
-from rayimgcls.config import ConfigError, TrainConfig, diff
+from rayimgcls.config import ConfigError, TrainConfig, diff, float_triple
 from rayimgcls.dataset import (
     LABELS_CSV,
     ClassInfo,
@@ -48,6 +51,7 @@ from rayimgcls.rundir import (
     load_train_state,
 )
 from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
+from rayimgcls.text import printable
 from rayimgcls.train import tracking
 from rayimgcls.train.loop import LoopContext, train_loop
 
@@ -92,8 +96,12 @@ def check_resume(cfg: TrainConfig) -> str:
             f"--num-epochs {done} (exports the finished run again) or more (trains on), or a new --run-name"
         )
     summary = run.read_summary()
-    if summary and summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
-        return "complete"
+    if (
+        summary
+        and summary.get("completed")
+        and (summary.get("epochs") == cfg.num_epochs or summary.get("stopped_early"))
+    ):
+        return "complete"  # a run that stopped early is finished, whatever num_epochs says now
     return "resume"
 
 
@@ -118,6 +126,40 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if len(train) == 0:
         raise DatasetError([Problem(LABELS_CSV, None, "no rows with subset 'train'", "no_train_rows")])
     return PreparedData(train, validation, classes, problems)
+
+
+def class_weights(cfg: TrainConfig, data: PreparedData) -> list[float] | None:
+    """--class-weights: None, the inverse class frequency of the train rows (n / (classes x count), as
+    scikit-learn's 'balanced'; for multi-label BCE the pos_weight negatives / positives), or a JSON file: a
+    list with one weight per class or a {class name: weight} map (classes not named keep 1.0)."""
+    if cfg.class_weights == "none":
+        return None
+    names = data.classes.names
+    if cfg.class_weights == "auto":
+        counts = np.zeros(len(names))
+        for labels in data.train["labels"]:
+            counts[list(labels)] += 1
+        n = len(data.train)
+        weights = (n - counts) / np.maximum(counts, 1) if cfg.multilabel else n / (len(names) * np.maximum(counts, 1))
+        return [round(float(w), 6) for w in weights]
+    source = cfg.class_weights
+    try:
+        loaded = json.loads(storage.read_text(source))
+    except (OSError, FileNotFoundError) as e:
+        raise ConfigError(f"class_weights={source!r}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"class_weights={source!r}: not JSON ({e})") from None
+    if isinstance(loaded, dict):
+        unknown = [k for k in loaded if k not in names]
+        if unknown:
+            raise ConfigError(f"{source}: unknown class name(s) {', '.join(map(repr, unknown[:5]))}")
+        loaded = [loaded.get(name, 1.0) for name in names]
+    if not isinstance(loaded, list) or len(loaded) != len(names):
+        raise ConfigError(f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map")
+    for i, w in enumerate(loaded):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < math.inf:
+            raise ConfigError(f"{source}: weight {i} ({names[i]!r}) is {w!r}; expected a number >= 0")
+    return [float(w) for w in loaded]
 
 
 def worker_cpus(cfg: TrainConfig) -> float:
@@ -174,7 +216,21 @@ def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessC
             attention_dropout_rate=cfg.attention_dropout_rate,
             model_kwargs=cfg.model_kwargs,
         )
-    return kwargs, PreprocessConfig.from_model(model, cfg.image_size)
+    return kwargs, preprocess_of(cfg, PreprocessConfig.from_model(model, cfg.image_size))
+
+
+def preprocess_of(cfg: TrainConfig, model_default: PreprocessConfig) -> PreprocessConfig:
+    """The timm model's preprocessing with the --crop-pct/--crop-mode/--interpolation/--mean/--std given."""
+    given = {k: getattr(cfg, k) for k in ("crop_pct", "crop_mode", "interpolation") if getattr(cfg, k) is not None}
+    for name in ("mean", "std"):
+        if getattr(cfg, name) is not None:
+            given[name] = float_triple(getattr(cfg, name), -math.inf)
+    return dataclasses.replace(model_default, **given)
+
+
+def augment_of(cfg: TrainConfig) -> Augment:
+    """The train transform's switches (the preset already resolved into cfg)."""
+    return Augment(cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment)
 
 
 def pretrained_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
@@ -211,10 +267,7 @@ def build_trainer(
     from rayimgcls.data import DecodeSpec, image_dataset
 
     DataContext.get_current().enable_progress_bars = False  # travels with the datasets to the workers
-    augment = Augment(
-        cfg.random_resized_crop, cfg.crop_scale_min, cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.randaugment
-    )
-    spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment, data.classes.num_classes, cfg.multilabel)
+    spec = DecodeSpec(cfg.data_root, LABELS_CSV, pre, augment_of(cfg), data.classes.num_classes, cfg.multilabel)
     # Rows permuted once (seeded) so that every block mixes the classes: CSVs often list them one after another
     # (from-folders does), and per-epoch shuffling below only reorders blocks and mixes a few batches' rows.
     rows = data.train.sample(frac=1.0, random_state=cfg.seed)
@@ -238,6 +291,7 @@ def build_trainer(
         pretrained_state=ray.put(state) if state is not None else None,
         mlflow_run_id=mlflow_run_id,
         progress=progress,
+        class_weights=class_weights(cfg, data),
     )
     metric = cfg.metric if len(data.validation) else None
     storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
@@ -349,6 +403,12 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
     state = check_resume(cfg)
     data = prepare_data(cfg)
+    weights = class_weights(cfg, data)  # a bad file fails here, before Ray starts
+    if weights is not None:
+        shown = ", ".join(f"{printable(n)} {w:.3g}" for n, w in zip(data.classes.names, weights, strict=True))
+        print(f"class weights: {shown}", flush=True)
+    if cfg.early_stopping_patience and not len(data.validation):
+        raise ConfigError("early_stopping_patience: needs rows with subset 'validation' (it watches their metric)")
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
     if state == "complete":
         return reexport(cfg, data, model_kwargs, pre)
@@ -392,7 +452,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
 def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
     """A finished run: export its best checkpoint again (to a new --output-dir, say). Nothing trains, so Ray is
     not started, and the summary keeps the figures of the run; only model_dir changes."""
-    print(f"run {cfg.run_name} is complete ({cfg.num_epochs} epochs); exporting its best checkpoint again", flush=True)
+    print(f"run {cfg.run_name} is complete; exporting its best checkpoint again", flush=True)
     run_dir = RunDir.of(cfg)
     summary = run_dir.read_summary() or {}
     checkpoint, best = best_checkpoint(_load_result(run_dir), cfg, bool(len(data.validation)))
@@ -424,6 +484,7 @@ def finish(
         "run_name": cfg.run_name,
         "completed": True,
         "epochs": cfg.num_epochs,
+        "stopped_early": bool(epochs) and epochs[-1]["epoch"] < cfg.num_epochs,  # early stopping (else a crash)
         "steps": epochs[-1]["step"] if epochs else 0,
         "metric": cfg.metric,
         "best_epoch": best.get("epoch"),

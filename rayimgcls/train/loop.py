@@ -8,6 +8,7 @@ metrics.jsonl (and the trackers fed from it) is cut back to the checkpoint's ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ class LoopContext:
     pretrained_state: Any = None  # an ObjectRef to the transfer weights, when fine-tuning
     mlflow_run_id: str | None = None  # the MLflow run the driver opened, when tracking there
     progress: Any = None  # the driver's console.mailbox(): rank 0's progress goes there
+    class_weights: list[float] | None = None  # per class (CE weight, BCE pos_weight), from --class-weights
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -75,9 +77,22 @@ def seed_everything(seed: int) -> None:
 def build_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=total_steps)
+    """AdamW + OneCycleLR whose peak is learning_rate, over the real number of optimizer steps. With
+    layer_decay, timm's layer groups (no weight decay on biases and norms) each peak at learning_rate x their
+    lr_scale: OneCycleLR sets every group's lr itself, so the scales go in as its per-group max_lr."""
+    if cfg.layer_decay is None:
+        groups: list[dict] = [{"params": list(model.parameters())}]
+        peaks = [cfg.learning_rate]
+    else:
+        from timm.optim import param_groups_layer_decay
+
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_layer_decay(
+            model, weight_decay=cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
+        peaks = [cfg.learning_rate * g.get("lr_scale", 1.0) for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps)
     return optimizer, scheduler
 
 
@@ -175,9 +190,10 @@ def train_loop(config: dict) -> None:
         log.progress.note(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
         log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
 
-    loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes)
+    loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes, ctx.class_weights)
+    loss_fn = loss_fn.to(device)  # the class weights, if any
     amp = autocast_dtype(cfg.precision, device)
-    batch_size = cfg.batch_size // world
+    batch_size = cfg.batch_size // world // cfg.grad_accum_steps  # a micro-batch
     for epoch in range(start_epoch, cfg.num_epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
         model.train()
@@ -194,6 +210,8 @@ def train_loop(config: dict) -> None:
             dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
             pin_memory=device.type == "cuda",  # pinned pages make Ray's copy to the GPU asynchronous
         )
+        optimizer.zero_grad(set_to_none=True)  # a shard that ended mid-accumulation leaves nothing behind
+        micro, loss_sum, step_images, step_wait = 0, 0.0, 0, 0.0
         for wait, batch in timed(iter(batches)):
             if steps == ctx.steps_per_epoch:
                 break  # equal shards make this rare; never step the schedule past its end
@@ -201,18 +219,24 @@ def train_loop(config: dict) -> None:
             y = batch["label"]
             if mixup is not None:
                 x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_fn(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro += 1
+            last = micro % cfg.grad_accum_steps == 0
+            loss_sum += backward(model, x, y, loss_fn, amp, cfg.grad_accum_steps, sync=last)
+            window.add(len(x) * world, wait)
+            step_images, step_wait = step_images + len(x) * world, step_wait + wait
+            if not last:
+                continue
+            clip_gradients(model, cfg)
             optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss, loss_sum = torch.tensor(loss_sum), 0.0
             global_step, steps = global_step + 1, steps + 1
             epoch_loss += loss.item()
-            window.add(len(x) * world, wait)
             if log is not None:
                 lr = scheduler.get_last_lr()[0]
-                log.progress.step(epoch + 1, steps, global_step, epoch_loss / steps, lr, len(x) * world, wait)
+                log.progress.step(epoch + 1, steps, global_step, epoch_loss / steps, lr, step_images, step_wait)
+            step_images, step_wait = 0, 0.0
             if log is not None and global_step % cfg.logging_steps == 0:
                 rate, wait_frac = window.flush()
                 lr = scheduler.get_last_lr()[0]
@@ -229,11 +253,70 @@ def train_loop(config: dict) -> None:
         if ctx.has_validation and rank == 0:
             scores, confusion = evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp)
             metrics.update(scores)
+        stop = agree(log is not None and should_stop(cfg, [*log.epochs(), metrics]), world, device)
         _report(ctx, model, optimizer, scheduler, metrics, rank, log)
-        if log is not None and epoch + 1 == cfg.num_epochs:
+        if log is not None and stop:
+            log.progress.note(
+                f"early stopping after epoch {epoch + 1}: {cfg.metric} has not improved"
+                f" for {cfg.early_stopping_patience} epoch(s)"
+            )
+            log.add(type="early_stop", epoch=epoch + 1, step=global_step)
+        if log is not None and (stop or epoch + 1 == cfg.num_epochs):
             log.finish(cfg, ctx.class_names, confusion)
+        if stop:
+            break
     if log is not None:
         log.close()
+
+
+def backward(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Any,
+    amp: torch.dtype | None,
+    accum_steps: int,
+    sync: bool,
+) -> float:
+    """Add one micro-batch's gradients (the loss scaled by 1/accum_steps, so N micro-batches of B/N sum to the
+    gradient of one batch of B). DDP all-reduces only when `sync` (the last micro-step): the others
+    accumulate locally under no_sync. Returns the micro-batch's share of the step's loss."""
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(model(x).float(), y) / accum_steps
+        loss.backward()
+    return loss.item()
+
+
+def clip_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """--clip-grad: the total L2 norm (timm's default 'norm') or each element ('value') at most clip_grad."""
+    if cfg.clip_grad is None:
+        return
+    if cfg.clip_mode == "norm":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    else:
+        torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_grad)
+
+
+def should_stop(cfg: TrainConfig, epochs: list[dict]) -> bool:
+    """Early stopping on the checkpoint metric: the last `early_stopping_patience` epochs all failed to beat the
+    best before them by `early_stopping_min_delta`. Read from the epoch lines, so a resumed run counts on."""
+    patience, metric = cfg.early_stopping_patience, cfg.metric
+    values = [e[metric] for e in epochs if metric in e]
+    if patience is None or len(values) <= patience:
+        return False
+    sign = -1 if metric == "val_loss" else 1
+    best_before = max(sign * v for v in values[:-patience])
+    return all(sign * v < best_before + cfg.early_stopping_min_delta for v in values[-patience:])
+
+
+def agree(decision: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's decision on every worker (a worker that stopped alone would hang the others at the next report)."""
+    if world == 1:
+        return decision
+    flag = torch.tensor([int(decision)], device=device)  # NCCL broadcasts only CUDA tensors
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class Journal:
@@ -268,6 +351,9 @@ class Journal:
         elif record["type"] == "epoch" and self.metric in record:
             telemetry.train_checkpoint(self.run_name, self.metric, float(record[self.metric]))
 
+    def epochs(self) -> list[dict]:
+        return [x for x in self.metrics.lines if x["type"] == "epoch"]
+
     def epoch_done(self) -> None:
         self.trackers.flush()
         training_report.update(self.run_dir)  # report.html, to open during the run
@@ -300,10 +386,12 @@ def _label_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32 if cfg.multilabel else torch.int64
 
 
-def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
-    """Cross-entropy (label smoothing, or soft targets under MixUp/CutMix) or BCE-with-logits."""
+def _loss_and_mixup(cfg: TrainConfig, num_classes: int, weights: list[float] | None = None) -> tuple[Any, Any]:
+    """Cross-entropy (label smoothing and class weights, or soft targets under MixUp/CutMix) or BCE-with-logits
+    (class weights as pos_weight)."""
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
     if cfg.multilabel:
-        return torch.nn.BCEWithLogitsLoss(), None
+        return torch.nn.BCEWithLogitsLoss(pos_weight=w), None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
@@ -312,7 +400,7 @@ def _loss_and_mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
         )
         return SoftTargetCrossEntropy(), mixup
-    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), None
+    return torch.nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.label_smoothing), None
 
 
 @torch.no_grad()
