@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -348,12 +349,13 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
 def float_triple(text: str, low: float) -> tuple[float, float, float] | None:
-    """'0.5,0.5,0.5' (or a YAML list, which arrives as '[0.5, 0.5, 0.5]') -> three floats >= low, else None."""
+    """'0.5,0.5,0.5' (or a YAML list, which arrives as '[0.5, 0.5, 0.5]') -> three finite floats >= low, else
+    None."""
     try:
         values = tuple(float(v) for v in text.strip("[]() ").split(","))
     except ValueError:
         return None
-    return values if len(values) == 3 and all(v >= low for v in values) else None  # type: ignore[return-value]
+    return values if len(values) == 3 and all(math.isfinite(v) and v >= low for v in values) else None  # type: ignore[return-value]
 
 
 CHECKPOINT_METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1", "macro_f1_ml", "val_loss")
