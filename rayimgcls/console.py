@@ -133,22 +133,29 @@ def quiet_ray_loggers() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def log_ray_to(directory: str) -> str | None:
-    """Also write Ray's Python log records to <directory>/ray.log (local directories only)."""
+@contextmanager
+def ray_log(directory: str) -> Iterator[str | None]:
+    """Ray's Python log records also go to <directory>/ray.log while the block runs (local directories only).
+    The handler goes when the block ends: a process that runs many commands (a notebook, the tests) must not
+    keep writing every later run's records into the first one's file."""
     from rayimgcls import storage
 
     if storage.is_uri(directory):
-        return None
+        yield None
+        return
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, RAY_LOG_FILE)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)s %(message)s"))
     handler.setLevel(logging.INFO)
     for name in RAY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
-            logger.addHandler(handler)
-    return path
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield path
+    finally:
+        for name in RAY_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

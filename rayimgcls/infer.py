@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rayimgcls import storage, telemetry
+from rayimgcls import console, storage, telemetry
 from rayimgcls.config import InferConfig
 from rayimgcls.dataset import IMAGE_EXTENSIONS, DatasetError, Problem, read_csv, rows_fingerprint
 from rayimgcls.images import PreprocessConfig
@@ -42,7 +42,7 @@ TMP_SUFFIX = ".tmp"
 # storage.write_bytes (".name.tmp-PID") and of shards ("name.tmp"): what --overwrite may delete.
 OWN_FILE = re.compile(
     r"\.?(predictions-\d{5,}\.jsonl|predictions\.jsonl|manifest\.json"
-    r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png)|report(-\w+)?\.html)(\.tmp(-\d+)?)*"
+    r"|evaluation(-\w+)?\.json|confusion_matrix(-\w+)?\.(csv|png)|report(-\w+)?\.html|ray\.log)(\.tmp(-\d+)?)*"
 )
 CPU_ACTOR_CPUS = 0.5  # see plan_pool
 ERROR_EXAMPLES = 5  # error lines the summary shows
@@ -675,7 +675,8 @@ def run_inference(cfg: InferConfig, address: str | None = None) -> InferSummary:
         init_ray(address)
         start = time.perf_counter()  # Ray's own start-up is not the pipeline's speed
         frame = pd.concat([inputs.frame.iloc[s.start : s.stop] for s in todo], ignore_index=True)
-        _predict_into(frame, inputs, card, cfg, shards, rows, summary)
+        with console.ray_log(cfg.result_dir):
+            _predict_into(frame, inputs, card, cfg, shards, rows, summary)
         summary.seconds = time.perf_counter() - start
     check_complete(cfg.result_dir, shards)
     if cfg.merge:

@@ -5,6 +5,7 @@ Each run is a real demo (its own local Ray, Ray Train, Ray Data inference, evalu
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -109,3 +110,17 @@ def test_verbose_switch(monkeypatch) -> None:
     assert console.ray_init_options() == {}  # --verbose: Ray as it is
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     assert not console.verbose()
+
+
+def test_ray_log_takes_ray_records_only_while_its_block_runs(tmp_path: Path) -> None:
+    logger = logging.getLogger("ray.data")
+    with console.ray_log(str(tmp_path / "first")) as path:
+        logger.warning("during the first run")
+    logger.warning("after it")
+    with console.ray_log(str(tmp_path / "second")):
+        logger.warning("during the second run")
+    assert path is not None
+    first = Path(path).read_text()
+    assert "during the first run" in first and "after it" not in first and "second" not in first
+    with console.ray_log("s3://bucket/results") as nowhere:
+        assert nowhere is None  # a URI: no local file to write

@@ -154,6 +154,7 @@ def test_one_line_per_row_despite_broken_images_and_duplicates(ray_session, mode
     assert [x["row"] for x in lines] == list(range(2, len(expected) + 2))  # CSV lines, header = 1, in order
     assert [f.name for f in shard_files(out)] == [f"predictions-{k:05d}.jsonl" for k in range(4)]
     assert not [f for f in out.iterdir() if "tmp" in f.name]
+    assert "ray.data" in (out / "ray.log").read_text()  # Ray Data's own records, off the terminal
     errors = {x["input"]: x for x in lines if "error" in x}
     assert set(errors) == {
         "images/truncated.jpg",
@@ -245,6 +246,7 @@ def test_refuse_overwrite_and_resume_checks(ray_session, model_dir, multilabel_m
         "notes.txt",
         "predictions-00000.jsonl",
         "predictions-00001.jsonl",
+        "ray.log",
     ]
     nothing_left = infer(model_dir, odd_images, out, rows_per_shard=4, resume=True)
     assert (nothing_left.computed, nothing_left.shards_kept) == (0, 2)

@@ -274,7 +274,10 @@ def test_a_checkpoint_path_in_config_json_is_refused_without_opening_it(model_di
         (lambda c: c["preprocess"].update(crop_pct=0), r"crop_pct=0: allowed 0 < x <= 1"),
         (lambda c: c["preprocess"].update(crop_pct=1.5), r"crop_pct=1.5"),
         (lambda c: c["preprocess"].update(interpolation="magic"), "interpolation 'magic': allowed nearest"),
-        (lambda c: c["preprocess"].update(crop_mode="zoom"), "crop_mode 'zoom': supported are center, squash and border"),
+        (
+            lambda c: c["preprocess"].update(crop_mode="zoom"),
+            "crop_mode 'zoom': supported are center, squash and border",
+        ),
         (lambda c: c["preprocess"].update(mean=[0.5, 0.5]), "preprocess.mean=.*three finite numbers"),
         (lambda c: c["preprocess"].update(std=[0.5, float("nan"), 0.5]), "preprocess.std=.*three finite numbers > 0"),
         (lambda c: c["preprocess"].update(std=[0.5, 0, 0.5]), "preprocess.std="),

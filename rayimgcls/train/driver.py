@@ -428,7 +428,22 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     if state == "resume":
         print(f"resuming run {cfg.run_name} from {run_dir.path}", flush=True)
     mlflow_run = tracking.MlflowRun.start(cfg, run_dir) if cfg.mlflow_tracking_uri else None
-    console.log_ray_to(run_dir.path)
+    with console.ray_log(run_dir.path):
+        summary = fit(cfg, data, model_kwargs, pre, cpus, mlflow_run)
+    if mlflow_run:
+        mlflow_run.finish(run_dir, summary["model_dir"], read_card(summary["model_dir"]).version)
+    return summary
+
+
+def fit(
+    cfg: TrainConfig,
+    data: PreparedData,
+    model_kwargs: dict,
+    pre: PreprocessConfig,
+    cpus: float,
+    mlflow_run: tracking.MlflowRun | None,
+) -> dict:
+    """Run the TorchTrainer with the console's progress, then export the best checkpoint; the summary."""
     box = console.mailbox()
     trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, mlflow_run.run_id if mlflow_run else None, box)
     started = time.time()
@@ -443,10 +458,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         if isinstance(e, TrainingError):
             raise
         raise TrainingError(f"training failed: {failure_message(e)}") from e  # Ray wraps worker errors
-    summary = finish(cfg, data, model_kwargs, pre, started, result)
-    if mlflow_run:
-        mlflow_run.finish(run_dir, summary["model_dir"], read_card(summary["model_dir"]).version)
-    return summary
+    return finish(cfg, data, model_kwargs, pre, started, result)
 
 
 def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
