@@ -239,10 +239,11 @@ def test_resume_after_a_killed_run_is_exact(resumed):
     optimizer, schedule = build_optimizer(torch.nn.Linear(1, 1), cfg, total)
     expected = []
     for _ in range(total):
+        expected.append(schedule.get_last_lr()[0])  # each step logs the rate it used
         optimizer.step()
         schedule.step()
-        expected.append(schedule.get_last_lr()[0])
     np.testing.assert_allclose([x["lr"] for x in steps], expected, rtol=1e-12)
+    assert max(expected) == pytest.approx(cfg.learning_rate, rel=0.05) and expected[-1] < expected[-2]  # annealed
     state = load_train_state(str(run_dir(cfg) / f"checkpoint_epoch_{cfg.num_epochs:04d}"))
     assert state["global_step"] == total == summary["steps"]
     assert state["scheduler"]["last_epoch"] == total

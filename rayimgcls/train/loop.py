@@ -117,6 +117,12 @@ def restore(
     return state["epoch"], state["global_step"]
 
 
+def current_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The learning rate the next step uses: the largest group's (with --layer-decay the head's, at
+    learning_rate on the schedule; the lower blocks run at fractions of it)."""
+    return max(scheduler.get_last_lr())
+
+
 def load_transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load backbone weights for fine-tuning: the model's own checkpoint filter (e.g. ViT position-embedding
     resampling) runs first, and tensors whose shape differs (a classifier for another class count) are left
@@ -187,8 +193,8 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     log = Journal(ctx, cfg, global_step) if rank == 0 else None
     if log is not None and start_epoch:
-        log.progress.note(f"resumed from epoch {start_epoch} (step {global_step}, lr {scheduler.get_last_lr()[0]:.3g})")
-        log.add(type="resume", epoch=start_epoch, step=global_step, lr=scheduler.get_last_lr()[0])
+        log.progress.note(f"resumed from epoch {start_epoch} (step {global_step}, lr {current_lr(scheduler):.3g})")
+        log.add(type="resume", epoch=start_epoch, step=global_step, lr=current_lr(scheduler))
 
     loss_fn, mixup = _loss_and_mixup(cfg, ctx.num_classes, ctx.class_weights)
     loss_fn = loss_fn.to(device)  # the class weights, if any
@@ -227,6 +233,7 @@ def train_loop(config: dict) -> None:
             if not last:
                 continue
             clip_gradients(model, cfg)
+            lr = current_lr(scheduler)  # the rate this step uses (after the last step the schedule is past its end)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -234,12 +241,10 @@ def train_loop(config: dict) -> None:
             global_step, steps = global_step + 1, steps + 1
             epoch_loss += loss.item()
             if log is not None:
-                lr = scheduler.get_last_lr()[0]
                 log.progress.step(epoch + 1, steps, global_step, epoch_loss / steps, lr, step_images, step_wait)
             step_images, step_wait = 0, 0.0
             if log is not None and global_step % cfg.logging_steps == 0:
                 rate, wait_frac = window.flush()
-                lr = scheduler.get_last_lr()[0]
                 log.add(
                     type="step",
                     epoch=epoch + 1,
