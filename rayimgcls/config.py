@@ -127,7 +127,9 @@ class TrainConfig:
     model_ema_warmup: bool = opt(
         False, "EMA decay warm-up (timm): 1 - (1 + step)^-2/3 until it reaches model_ema_decay (with --model-ema)."
     )
-    torch_compile: bool = opt(False, "torch.compile the model on each worker (the first step compiles: minutes).")
+    torch_compile: bool = opt(
+        False, "torch.compile the model on each worker (its first step compiles: ~1 min on 2 CPU cores)."
+    )
     # --- augmentation: a preset, and each field below overrides it when given (None: from the preset) ---
     augment: str | None = opt(
         None, "Augmentation preset: none | light | standard | strong; default standard with --pretrained, else light."

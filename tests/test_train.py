@@ -788,6 +788,7 @@ def test_ema_is_scored_beside_the_raw_weights_resumed_exactly_and_exported(ray_s
     for name, tensor in load_checkpoint_weights(str(best), summary["weights"]).items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
     assert "model_ema: true" in (run_dir(cfg) / "config.yaml").read_text()
+    assert "With --model-ema each metric is that of the better weights" in (run_dir(cfg) / "report.html").read_text()
     with pytest.raises(ConfigError, match=r"model_ema: True -> False"):
         run(TrainConfig(**{**cfg.__dict__, "model_ema": False}))
 
