@@ -121,6 +121,16 @@ class TrainConfig:
         None, "Layer-wise LR decay for ViT fine-tuning, 0 < x <= 1: block i of n gets lr x decay^(n - i) (timm)."
     )
     clip_mode: str = opt("norm", "norm (total L2 norm of all gradients) | value (each element).")
+    model_ema: bool = opt(
+        False, "Keep an EMA of the weights (timm ModelEmaV3), scored beside them; the better of the two is kept."
+    )
+    model_ema_decay: float = opt(0.9998, "EMA decay per optimizer step, 0 < x < 1 (with --model-ema).")
+    model_ema_warmup: bool = opt(
+        False, "EMA decay warm-up (timm): 1 - (1 + step)^-2/3 until it reaches model_ema_decay (with --model-ema)."
+    )
+    torch_compile: bool = opt(
+        False, "torch.compile the model on each worker (its first step compiles: ~1 min on 2 CPU cores)."
+    )
     # --- augmentation: a preset, and each field below overrides it when given (None: from the preset) ---
     augment: str | None = opt(
         None, "Augmentation preset: none | light | standard | strong; default standard with --pretrained, else light."
@@ -173,7 +183,8 @@ class TrainConfig:
     mlflow_experiment: str = opt("rayimgcls", "MLflow experiment the run goes to (with --mlflow-tracking-uri).")
     register_model: str | None = opt(None, "Register the exported model under this name in MLflow's registry.")
 
-    # Fields that may change between a run and its resumption: they do not change what is computed.
+    # Fields that may change between a run and its resumption: they do not change what is computed (torch_compile
+    # changes only the rounding: its kernels add up in another order).
     RESUMABLE_CHANGES: typing.ClassVar[frozenset[str]] = frozenset(
         {
             "num_epochs",
@@ -188,6 +199,7 @@ class TrainConfig:
             "mlflow_tracking_uri",
             "mlflow_experiment",
             "register_model",
+            "torch_compile",
         }
     )
 
@@ -215,6 +227,7 @@ class TrainConfig:
             _check(self, "clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0"),
             _check(self, "layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "0 < x <= 1"),
             _check(self, "clip_mode", self.clip_mode in CLIP_MODES, " | ".join(CLIP_MODES)),
+            _check(self, "model_ema_decay", 0 < self.model_ema_decay < 1, "0 < x < 1"),
             _check(self, "crop_pct", self.crop_pct is None or 0 < self.crop_pct <= 1, "0 < x <= 1"),
             _check(self, "crop_mode", self.crop_mode in (None, *CROP_MODES), " | ".join(CROP_MODES)),
             _check(self, "interpolation", self.interpolation in (None, *INTERPOLATIONS), " | ".join(INTERPOLATIONS)),

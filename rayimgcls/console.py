@@ -275,6 +275,8 @@ EPOCH_KEYS = ("train_loss", "val_loss", "top1", "top5", "macro_f1", "map", "micr
 def epoch_row(metrics: dict, seconds: float | None) -> str:
     """One compact line per finished epoch."""
     shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in EPOCH_KEYS if k in metrics)
+    if "weights" in metrics:  # --model-ema: the figures are those of the better weights
+        shown += f"  ({metrics['weights']} weights)"
     return f"epoch {metrics['epoch']:>3}/{metrics.get('epochs', '?')}  {shown}  ({duration(seconds)})"
 
 

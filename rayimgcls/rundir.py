@@ -38,6 +38,7 @@ MLFLOW_FILE = "mlflow.json"
 TENSORBOARD_DIR = "tensorboard"
 MODEL_DIR = "model"
 TRAIN_STATE_FILE = "train_state.pt"
+EMA_WEIGHTS_FILE = "ema.safetensors"  # with --model-ema: the averaged weights, beside the raw model.safetensors
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
@@ -214,12 +215,13 @@ def save_checkpoint(
     epoch: int,
     global_step: int,
     metrics: dict,
+    ema: torch.nn.Module | None = None,
 ) -> None:
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(path, WEIGHTS_FILE)
-    )
+    """The raw weights (and the EMA's, with --model-ema), then the train state: a checkpoint counts as complete
+    once train_state.pt is there (checkpoint_epochs)."""
+    _save_weights(model, os.path.join(path, WEIGHTS_FILE))
+    if ema is not None:
+        _save_weights(ema, os.path.join(path, EMA_WEIGHTS_FILE))
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -230,14 +232,24 @@ def save_checkpoint(
     torch.save(state, os.path.join(path, TRAIN_STATE_FILE))
 
 
+def _save_weights(model: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+
+
 def load_train_state(path: str) -> dict:
     return torch.load(os.path.join(path, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+def load_checkpoint_weights(path: str, weights: str = "raw") -> dict[str, torch.Tensor]:
+    """The raw weights of a checkpoint, or with weights="ema" the EMA's (a checkpoint of a --model-ema run)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(path, WEIGHTS_FILE))
+    file = os.path.join(path, EMA_WEIGHTS_FILE if weights == "ema" else WEIGHTS_FILE)
+    if weights == "ema" and not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: this checkpoint holds no EMA weights (it was saved without --model-ema)")
+    return load_file(file)
 
 
 # ---------------------------------------------------------------------------------------------------------

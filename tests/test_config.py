@@ -78,6 +78,8 @@ def test_unknown_yaml_keys_and_bad_types_are_named(tmp_path):
         ("early_stopping_patience", 0, ">= 1"),
         ("early_stopping_min_delta", -0.1, ">= 0"),
         ("label_smoothing", 1.0, "0 <= x < 1"),
+        ("model_ema_decay", 0.0, "0 < x < 1"),
+        ("model_ema_decay", 1.0, "0 < x < 1"),
     ],
 )
 def test_out_of_range_values_are_refused(field, value, allowed):
@@ -99,3 +101,17 @@ def test_diff_shows_what_changed():
     old = TrainConfig(data_root="d").__dict__
     new = TrainConfig(data_root="d", learning_rate=0.01, num_epochs=5)
     assert diff(old, new, TrainConfig.RESUMABLE_CHANGES) == ["learning_rate: 0.0001 -> 0.01"]
+
+
+def test_ema_and_compile_keys_come_from_yaml_and_show_in_config_yaml(tmp_path):
+    from rayimgcls.config import to_yaml
+
+    (tmp_path / "run.yaml").write_text("data_root: d\nmodel_ema: true\nmodel_ema_decay: 0.999\ntorch_compile: true\n")
+    cfg = load_config(TrainConfig, str(tmp_path / "run.yaml"), {"model_ema_warmup": "true"})
+    assert (cfg.model_ema, cfg.model_ema_decay, cfg.model_ema_warmup, cfg.torch_compile) == (True, 0.999, True, True)
+    shown = to_yaml(cfg)
+    assert "model_ema: true\nmodel_ema_decay: 0.999\nmodel_ema_warmup: true\ntorch_compile: true\n" in shown
+    # compiling changes only the rounding, so a run may resume with it switched; the EMA settings may not change
+    old = TrainConfig(data_root="d").__dict__
+    new = TrainConfig(data_root="d", torch_compile=True, model_ema=True)
+    assert diff(old, new, TrainConfig.RESUMABLE_CHANGES) == ["model_ema: False -> True"]

@@ -13,7 +13,15 @@ import pytest
 from rayimgcls import storage
 from rayimgcls.config import ConfigError, TrainConfig
 from rayimgcls.dataset import Problem
-from rayimgcls.rundir import MetricsLog, RunDir, checkpoint_dir_name, data_fingerprint
+from rayimgcls.rundir import (
+    MetricsLog,
+    RunDir,
+    checkpoint_dir_name,
+    data_fingerprint,
+    load_checkpoint_weights,
+    load_train_state,
+    save_checkpoint,
+)
 
 
 def test_metrics_log_is_cut_back_to_the_checkpoint_step_on_resume(tmp_path):
@@ -41,6 +49,24 @@ def test_completed_epochs_counts_only_checkpoints_with_their_train_state(tmp_pat
     for epoch in (1, 2):  # epoch 3's upload was cut short
         (tmp_path / checkpoint_dir_name(epoch) / "train_state.pt").write_bytes(b"s")
     assert run.completed_epochs() == 2
+
+
+def test_a_checkpoint_holds_the_ema_weights_beside_the_raw_ones(tmp_path):
+    import torch
+
+    raw, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(raw.parameters())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=10)
+    (tmp_path / "with").mkdir()
+    save_checkpoint(str(tmp_path / "with"), raw, optimizer, scheduler, 1, 4, {"weights": "ema"}, ema)
+    for which, module in (("raw", raw), ("ema", ema)):
+        loaded = load_checkpoint_weights(str(tmp_path / "with"), which)
+        assert all(torch.equal(loaded[k], v) for k, v in module.state_dict().items())
+    assert load_train_state(str(tmp_path / "with"))["metrics"] == {"weights": "ema"}
+    (tmp_path / "without").mkdir()
+    save_checkpoint(str(tmp_path / "without"), raw, optimizer, scheduler, 1, 4, {})
+    with pytest.raises(FileNotFoundError, match="holds no EMA weights"):
+        load_checkpoint_weights(str(tmp_path / "without"), "ema")
 
 
 def test_the_data_fingerprint_names_each_changed_file(tmp_path):

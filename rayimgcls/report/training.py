@@ -158,22 +158,27 @@ def _plot(series: Sequence[tuple[list, list, str, str]], title: str) -> bytes:
 
 def _epochs(epochs: list[dict]) -> Section:
     shown = [m for m in ("val_loss", *METRICS) if any(m in e for e in epochs)]
+    ema = any("weights" in e for e in epochs)  # --model-ema: the metrics shown are those of the better weights
     columns = [
         Column("epoch", numeric=True),
         Column("step", numeric=True),
         Column("seconds", numeric=True, digits=1),
         Column("train loss", numeric=True),
         *(Column(TITLES.get(m, m), numeric=True) for m in shown),
+        *([Column("weights")] if ema else []),
         Column("images/s", numeric=True, digits=1),
         Column("data wait", numeric=True, digits=3),
     ]
     rows = (
         [e["epoch"], e["step"], e["seconds"], e.get("train_loss")]
         + [e.get(m) for m in shown]
+        + ([e.get("weights")] if ema else [])
         + [e.get("images_per_s"), e.get("data_wait")]
         for e in epochs
     )
     note = "Seconds: the epoch's wall time (training, validation and checkpoint). Throughput: mean of its steps."
+    if ema:
+        note += " With --model-ema each metric is that of the better weights (raw or EMA), as the checkpoint's."
     return "epochs", "Epochs", section("epochs", "Epochs", html_table(columns, rows, sortable=True), note=note)
 
 

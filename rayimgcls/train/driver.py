@@ -378,8 +378,10 @@ def export(
     """Write the best checkpoint as the model directory (DESIGN §4)."""
     out = cfg.output_dir or RunDir.of(cfg).file(MODEL_DIR)
     with checkpoint.as_directory() as d:
-        weights = load_checkpoint_weights(d)
-        epoch = load_train_state(d)["epoch"]
+        state = load_train_state(d)
+        which = state["metrics"].get("weights", "raw")  # with --model-ema: the better of the two (train.ema)
+        weights = load_checkpoint_weights(d, which)
+    epoch = state["epoch"]
     model, _ = create_model(cfg.model, data_classes.num_classes, model_kwargs=model_kwargs)
     model.load_state_dict(weights)
     card = ModelCard(
@@ -390,7 +392,7 @@ def export(
         data_classes.names,
         pre,
         precision=cfg.precision,
-        training={**summary, "exported_epoch": epoch, "exported_metrics": metrics},
+        training={**summary, "exported_epoch": epoch, "exported_weights": which, "exported_metrics": metrics},
     )
     save_model_dir(model, card, out)
     return out
@@ -500,6 +502,7 @@ def finish(
         "steps": epochs[-1]["step"] if epochs else 0,
         "metric": cfg.metric,
         "best_epoch": best.get("epoch"),
+        "weights": best.get("weights", "raw"),  # which weights the best epoch stands for: "ema" | "raw"
         "best": {k: v for k, v in best.items() if isinstance(v, float | int)},
         "final": epochs[-1] if epochs else {},
         "num_classes": data.classes.num_classes,

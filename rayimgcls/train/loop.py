@@ -1,6 +1,6 @@
 """The Ray Train worker loop: one copy runs in each training worker.
 
-Resume is exact by construction: a checkpoint holds the model, optimizer and LR-scheduler state, the
+Resume is exact by construction: a checkpoint holds the model (and its EMA), optimizer and LR-scheduler state, the
 completed epoch and the global step; every epoch draws its random numbers from a seed derived from
 (seed, epoch, rank), so a resumed epoch starts from the same RNG state as the uninterrupted run would, and
 metrics.jsonl (and the trackers fed from it) is cut back to the checkpoint's step before it grows again.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import tempfile
@@ -21,13 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rayimgcls import storage, telemetry
 from rayimgcls.config import TrainConfig
 from rayimgcls.console import WorkerProgress
 from rayimgcls.images import PreprocessConfig, normalize
-from rayimgcls.metrics import confusion_matrix, summary_metrics
 from rayimgcls.model import create_model, resolve_precision, use_ieee_fp32
 from rayimgcls.report import training as training_report
 from rayimgcls.rundir import (
@@ -39,7 +36,9 @@ from rayimgcls.rundir import (
     load_train_state,
     save_checkpoint,
 )
+from rayimgcls.train.ema import build_ema
 from rayimgcls.train.tracking import Trackers
+from rayimgcls.train.validation import label_dtype, score
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +96,13 @@ def build_optimizer(
 
 
 def restore(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.OneCycleLR
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.OneCycleLR,
+    ema: torch.nn.Module | None = None,
 ) -> tuple[int, int]:
-    """Load the latest checkpoint if Ray Train has one; return (epochs done, global step)."""
+    """Load the latest checkpoint if Ray Train has one (the EMA too, on rank 0 with --model-ema); return
+    (epochs done, global step)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -107,6 +110,8 @@ def restore(
         return 0, 0
     with checkpoint.as_directory() as d:
         model.load_state_dict(load_checkpoint_weights(d))
+        if ema is not None:
+            ema.module.load_state_dict(load_checkpoint_weights(d, "ema"))
         state = load_train_state(d)
     optimizer.load_state_dict(state["optimizer"])
     if state["scheduler"]["total_steps"] == scheduler.total_steps:
@@ -188,9 +193,14 @@ def train_loop(config: dict) -> None:
     # On the device before the optimizer exists: a restored optimizer state follows its parameters' device, and
     # prepare_model below moves only the parameters (a resumed GPU run would meet CPU moments in its first step).
     model.to(device)
+    ema = build_ema(model, cfg) if rank == 0 else None  # before compiling: the average runs eagerly
     optimizer, scheduler = build_optimizer(model, cfg, cfg.num_epochs * ctx.steps_per_epoch)
-    start_epoch, global_step = restore(model, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(model)
+    start_epoch, global_step = restore(model, optimizer, scheduler, ema)
+    module = model  # the plain module: what is averaged, scored and checkpointed
+    if cfg.torch_compile:
+        # In place, and before the DDP wrapper (PyTorch's advice): the state dict keeps its keys (no `_orig_mod.`)
+        module.compile()
+    model = ray.train.torch.prepare_model(module)
     log = Journal(ctx, cfg, global_step) if rank == 0 else None
     if log is not None and start_epoch:
         log.progress.note(f"resumed from epoch {start_epoch} (step {global_step}, lr {current_lr(scheduler):.3g})")
@@ -213,11 +223,12 @@ def train_loop(config: dict) -> None:
             # (a 256-row buffer was most of the 5% data wait measured by benchmarks/bench_train.py); the rows
             # are permuted on the driver and the block order changes every epoch.
             local_shuffle_buffer_size=2 * batch_size,
-            dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
+            dtypes={"image": torch.uint8, "label": label_dtype(cfg)},
             pin_memory=device.type == "cuda",  # pinned pages make Ray's copy to the GPU asynchronous
         )
         optimizer.zero_grad(set_to_none=True)  # a shard that ended mid-accumulation leaves nothing behind
         micro, loss_sum, step_images, step_wait = 0, 0.0, 0, 0.0
+        compiling = cfg.torch_compile and log is not None and epoch == start_epoch  # the first call compiles
         for wait, batch in timed(iter(batches)):
             if steps == ctx.steps_per_epoch:
                 break  # equal shards make this rare; never step the schedule past its end
@@ -227,7 +238,11 @@ def train_loop(config: dict) -> None:
                 x, y = mixup(x, y)
             micro += 1
             last = micro % cfg.grad_accum_steps == 0
+            started = time.perf_counter()
             loss_sum += backward(model, x, y, loss_fn, amp, cfg.grad_accum_steps, sync=last)
+            if compiling:
+                log.compiled(epoch + 1, global_step, time.perf_counter() - started)
+                compiling = False
             window.add(len(x) * world, wait)
             step_images, step_wait = step_images + len(x) * world, step_wait + wait
             if not last:
@@ -239,6 +254,8 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss, loss_sum = torch.tensor(loss_sum), 0.0
             global_step, steps = global_step + 1, steps + 1
+            if ema is not None:
+                ema.update(module, step=global_step)  # timm's decay warm-up counts optimizer steps
             epoch_loss += loss.item()
             if log is not None:
                 log.progress.step(epoch + 1, steps, global_step, epoch_loss / steps, lr, step_images, step_wait)
@@ -255,11 +272,11 @@ def train_loop(config: dict) -> None:
                     data_wait=round(wait_frac, 4),
                 )
         metrics, confusion = {"epoch": epoch + 1, "step": global_step, "train_loss": epoch_loss / max(steps, 1)}, None
-        if ctx.has_validation and rank == 0:
-            scores, confusion = evaluate(getattr(model, "module", model), pre, cfg, ctx.num_classes, device, amp)
+        if rank == 0:
+            scores, confusion = score(module, ema, pre, cfg, ctx.num_classes, ctx.has_validation, device, amp)
             metrics.update(scores)
         stop = agree(log is not None and should_stop(cfg, [*log.epochs(), metrics]), world, device)
-        _report(ctx, model, optimizer, scheduler, metrics, rank, log)
+        _report(ctx, module, ema, optimizer, scheduler, metrics, rank, log)
         if log is not None and stop:
             log.progress.note(
                 f"early stopping after epoch {epoch + 1}: {cfg.metric} has not improved"
@@ -356,6 +373,14 @@ class Journal:
         elif record["type"] == "epoch" and self.metric in record:
             telemetry.train_checkpoint(self.run_name, self.metric, float(record[self.metric]))
 
+    def compiled(self, epoch: int, step: int, seconds: float) -> None:
+        """--torch-compile: what the first call (which compiled the model) took, and the graphs Dynamo made."""
+        from torch._dynamo.utils import counters
+
+        graphs = int(counters["stats"]["unique_graphs"])
+        self.progress.note(f"torch.compile: the first step took {seconds:.1f} s (compiling {graphs} graph(s))")
+        self.add(type="compile", epoch=epoch, step=step, seconds=round(seconds, 2), graphs=graphs)
+
     def epochs(self) -> list[dict]:
         return [x for x in self.metrics.lines if x["type"] == "epoch"]
 
@@ -387,10 +412,6 @@ class _Window:
         return out
 
 
-def _label_dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.float32 if cfg.multilabel else torch.int64
-
-
 def _loss_and_mixup(cfg: TrainConfig, num_classes: int, weights: list[float] | None = None) -> tuple[Any, Any]:
     """Cross-entropy (label smoothing and class weights, or soft targets under MixUp/CutMix) or BCE-with-logits
     (class weights as pos_weight)."""
@@ -408,49 +429,10 @@ def _loss_and_mixup(cfg: TrainConfig, num_classes: int, weights: list[float] | N
     return torch.nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.label_smoothing), None
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    pre: PreprocessConfig,
-    cfg: TrainConfig,
-    num_classes: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Loss and metrics over the whole validation subset (rank 0 only: it is not split between workers), and
-    the confusion matrix (multi-class)."""
-    import ray.train
-
-    model.eval()
-    probs, targets, loss_sum = [], [], 0.0
-    shard = ray.train.get_dataset_shard("validation")
-    for batch in shard.iter_torch_batches(
-        batch_size=max(cfg.batch_size, 64),
-        device=device,
-        dtypes={"image": torch.uint8, "label": _label_dtype(cfg)},
-        pin_memory=device.type == "cuda",
-    ):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(normalize(batch["image"], pre)).float()
-        y = batch["label"]
-        if cfg.multilabel:
-            loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / num_classes
-            probs.append(logits.sigmoid().cpu().numpy())
-        else:
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            probs.append(logits.softmax(-1).cpu().numpy())
-        targets.append(y.cpu().numpy())
-    if not probs:
-        return {}, None
-    p, t = np.concatenate(probs), np.concatenate(targets)
-    out = {"val_loss": loss_sum / len(p), **summary_metrics(p, t, cfg.multilabel)}
-    confusion = None if cfg.multilabel else confusion_matrix(t, p.argmax(1), num_classes)
-    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}, confusion
-
-
 def _report(
     ctx: LoopContext,
-    model: torch.nn.Module,
+    module: torch.nn.Module,
+    ema: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
     metrics: dict,
@@ -467,9 +449,10 @@ def _report(
     assert log is not None
     log.add(type="epoch", **metrics)
     log.progress.epoch(metrics)
-    unwrapped = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, unwrapped, optimizer, scheduler, epoch, metrics["step"], metrics)
+        save_checkpoint(
+            d, module, optimizer, scheduler, epoch, metrics["step"], metrics, ema.module if ema is not None else None
+        )
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_dir_name(epoch)
         )
