@@ -5,9 +5,12 @@ The result dir is written with infer's own code (`read_inputs`, `plan_shards`, `
 --images distinct images; row i shows image i % --images, so every thumbnail is a real file. Each figure is
 measured in a fresh process (peak memory is per process; the file cache is warm after the first read):
 
-- parse: read every shard and `json.loads` every line, keeping nothing: the floor of any reader of the format;
-- evaluate: `rayimgcls.evaluate.evaluate()` (load, join, metrics, evaluation.json, confusion CSV/PNG,
-  report.html), with the report.html step timed inside it.
+- parse: read every shard with `pyarrow.json.read_json` (the fields evaluate reads, as it reads them, with
+  none of its checks), keeping nothing: the floor of a reader of the format, and the ratio's baseline;
+- json: the same with `json.loads` line by line (how evaluate read shards before), for comparison;
+- evaluate: `import rayimgcls.evaluate` and `evaluate()` (load, join, metrics, evaluation.json, confusion
+  CSV/PNG, report.html), as `rayimgcls evaluate` runs them, with the import and the report.html step timed
+  inside it.
 
     python benchmarks/bench_report.py                      # 100,000 x 1,000: ~2.5 GB of shards, a few minutes
     python benchmarks/bench_report.py --rows 20000 --runs 3
@@ -84,6 +87,18 @@ def peak_mb() -> float:
 
 
 def parse_only(result: str) -> tuple[float, float]:
+    import pyarrow.json as pa_json
+
+    from rayimgcls.infer import LINE_SCHEMA
+
+    options = pa_json.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
+    start = time.perf_counter()
+    for shard in sorted(Path(result).glob("predictions-*.jsonl")):
+        pa_json.read_json(shard, parse_options=options)
+    return time.perf_counter() - start, peak_mb()
+
+
+def json_only(result: str) -> tuple[float, float]:
     start = time.perf_counter()
     for shard in sorted(Path(result).glob("predictions-*.jsonl")):
         with shard.open() as f:
@@ -92,9 +107,12 @@ def parse_only(result: str) -> tuple[float, float]:
     return time.perf_counter() - start, peak_mb()
 
 
-def evaluate_once(result: str) -> tuple[float, float, float]:
+def evaluate_once(result: str) -> tuple[float, float, float, float]:
+    """(seconds with the imports, as `rayimgcls evaluate` pays them; of which imports; report.html; peak MB)"""
+    start = time.perf_counter()
     import rayimgcls.evaluate as ev
 
+    imported = time.perf_counter() - start
     timed = {}
     write = ev.write_evaluation_report
 
@@ -104,9 +122,8 @@ def evaluate_once(result: str) -> tuple[float, float, float]:
         timed["report"] = time.perf_counter() - start
 
     ev.write_evaluation_report = write_timed
-    start = time.perf_counter()
     ev.evaluate(result)
-    return time.perf_counter() - start, timed["report"], peak_mb()
+    return time.perf_counter() - start, imported, timed["report"], peak_mb()
 
 
 def fresh(fn, *args):
@@ -127,14 +144,18 @@ def main() -> None:
     )
     fresh(parse_only, result)  # warm-up: the file cache
     parse = [fresh(parse_only, result) for _ in range(args.runs)]
+    loads = [fresh(json_only, result) for _ in range(args.runs)]
     evals = [fresh(evaluate_once, result) for _ in range(args.runs)]
     parse_s, parse_mb = statistics.median(p[0] for p in parse), max(p[1] for p in parse)
-    eval_s, report_s = statistics.median(e[0] for e in evals), statistics.median(e[1] for e in evals)
-    eval_mb = max(e[2] for e in evals)
+    loads_s, loads_mb = statistics.median(p[0] for p in loads), max(p[1] for p in loads)
+    eval_s, import_s = statistics.median(e[0] for e in evals), statistics.median(e[1] for e in evals)
+    report_s, eval_mb = statistics.median(e[2] for e in evals), max(e[3] for e in evals)
     html = Path(result) / "report.html"
-    print(f"parse only:  {parse_s:6.1f} s, peak {parse_mb:6.0f} MB")
+    print(f"parse only:  {parse_s:6.1f} s, peak {parse_mb:6.0f} MB (pyarrow.json)")
+    print(f"json.loads:  {loads_s:6.1f} s, peak {loads_mb:6.0f} MB (every line, keeping nothing)")
     print(
-        f"evaluate:    {eval_s:6.1f} s, peak {eval_mb:6.0f} MB (report.html {report_s:.1f} s, "
+        f"evaluate:    {eval_s:6.1f} s, peak {eval_mb:6.0f} MB (imports {import_s:.1f} s, "
+        f"report.html {report_s:.1f} s, "
         f"{html.stat().st_size / 1e6:.1f} MB, {html.read_text().count('<img ')} images)"
     )
     probs_mb = args.rows * args.classes * 8 / 1e6

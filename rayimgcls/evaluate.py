@@ -288,10 +288,11 @@ def _multiclass(scored: pd.DataFrame, probs: np.ndarray, names: list[str], worst
     targets = np.array([ls[0] for ls in scored["labels"]], dtype=np.int64)
     m = metrics.multiclass_metrics(probs, targets)
     cm = np.asarray(m["confusion_matrix"])
-    off = [(int(cm[i, j]), i, j) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
+    true, predicted = np.nonzero(cm - np.diag(np.diag(cm)))  # row-major: ties stay ordered by (true, predicted)
+    top = np.argsort(-cm[true, predicted], kind="stable")[:confused]
     pairs = [
-        {"true": names[i], "predicted": names[j], "count": n}
-        for n, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:confused]
+        {"true": names[i], "predicted": names[j], "count": int(cm[i, j])}
+        for i, j in zip(true[top].tolist(), predicted[top].tolist(), strict=True)
     ]
     p_true = probs[np.arange(len(targets)), targets]
     preds = probs.argmax(axis=1)
@@ -362,6 +363,8 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
+        if all(type(v) is int for v in value):  # a row of the confusion matrix: a million cells at 1,000 classes
+            return value
         return [_finite(v) for v in value]
     return value
 

@@ -11,6 +11,7 @@ is always complete and `--resume` can skip it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -281,7 +282,7 @@ LINE_SCHEMA = pa.schema(
     [("input", pa.string()), ("row", pa.int64()), ("error", pa.string()), ("predictions", pa.list_(pa.float64()))]
 )
 _LINE_PARSE = pa_json.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
-BLOCK_BYTES = 16 << 20  # Arrow parses a shard in blocks of this, in parallel; a block holds whole lines
+BLOCK_BYTES = 4 << 20  # Arrow parses a shard in blocks of this (a block holds whole lines: see _block_bytes)
 
 
 @dataclass(frozen=True)
@@ -309,29 +310,45 @@ def read_shards(result_dir: str, manifest: dict) -> Iterator[ShardLines]:
     num_classes = manifest["model"]["num_classes"]
     for shard in manifest["shards"]:
         path = storage.join(result_dir, shard["file"])
-        data = storage.read_bytes(path)
-        lines = parse_shard_fast(data, num_classes) or parse_shard_lines(path, data, num_classes)
+        with storage.open_input(path) as f:
+            lines = parse_shard_fast(f, num_classes)
+        lines = lines or parse_shard_lines(path, storage.read_bytes(path), num_classes)
         if problem := _planned_mismatch(lines.rows, shard):
             raise ResultDirError(f"{path}: {problem}; `rayimgcls infer ... --resume` computes it again")
         yield lines
 
 
-def parse_shard_fast(data: bytes, num_classes: int) -> ShardLines | None:
-    """A shard parsed by Arrow, with no Python step per line (3x json.loads, and no float objects); None
-    when it is not plainly lines as infer writes them, for `parse_shard_lines` to name what is wrong (or to
-    read what Arrow refuses, such as non-ASCII text: json.dumps writes ASCII)."""
-    if not data.isascii():
-        return None
-    first = data.find(b"\n")
-    block = max(BLOCK_BYTES, 4 * (first if first >= 0 else len(data)))
+class _LineCounter(io.RawIOBase):
+    """A binary stream that counts the newlines Arrow reads through it and sees whether all was ASCII."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.newlines, self.ascii = f, 0, True
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.newlines += data.count(b"\n")
+        self.ascii = self.ascii and data.isascii()
+        return data
+
+
+def parse_shard_fast(f: BinaryIO, num_classes: int) -> ShardLines | None:
+    """A shard streamed through Arrow's JSON reader, block by block, with no Python step per line (3x
+    json.loads, no float objects, a fraction of the shard in memory); None when it is not plainly lines as
+    infer writes them, for `parse_shard_lines` to name what is wrong or read what Arrow refuses (non-ASCII
+    text, say: json.dumps writes ASCII)."""
+    counter = _LineCounter(f)
+    options = pa_json.ReadOptions(block_size=_block_bytes(num_classes))
     try:
-        table = pa_json.read_json(
-            pa.BufferReader(data), read_options=pa_json.ReadOptions(block_size=block), parse_options=_LINE_PARSE
-        )
-    except pa.ArrowException:
+        table = pa_json.open_json(pa.PythonFile(counter, mode="r"), options, _LINE_PARSE).read_all()
+    except pa.ArrowException:  # not JSON, a field of another type, a line longer than a block, an empty file
         return None
-    if table.num_rows != data.count(b"\n") or table["row"].null_count or table["input"].null_count:
-        return None  # Arrow skips blank lines and reads two objects on one line; a line without row or input
+    if not counter.ascii or table.num_rows != counter.newlines:
+        return None  # Arrow skips blank lines and reads two objects on one line
+    if table["row"].null_count or table["input"].null_count:
+        return None
     failed = pc.is_valid(table["error"]).to_numpy(zero_copy_only=False)
     predictions = table["predictions"].combine_chunks()
     if failed.any():
@@ -349,6 +366,12 @@ def parse_shard_fast(data: bytes, num_classes: int) -> ShardLines | None:
         pc.fill_null(table["error"], "").to_pylist(),
         values.to_numpy().reshape(-1, num_classes),
     )
+
+
+def _block_bytes(num_classes: int) -> int:
+    """A block must hold the longest line: a probability is at most 24 characters as json.dumps writes it,
+    a top-k entry some 60 plus its label (a longer line than this falls back to the line parser)."""
+    return max(BLOCK_BYTES, 256 * num_classes + (1 << 20))
 
 
 def parse_shard_lines(path: str, data: bytes, num_classes: int) -> ShardLines:

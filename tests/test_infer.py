@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -529,7 +530,7 @@ def test_arrow_and_line_parsers_agree(shard_lines, case: str) -> None:
 
     lines, num_classes = shard_lines[case]
     data = "".join(x + "\n" for x in lines).encode()
-    fast, slow = parse_shard_fast(data, num_classes), parse_shard_lines("p.jsonl", data, num_classes)
+    fast, slow = parse_shard_fast(io.BytesIO(data), num_classes), parse_shard_lines("p.jsonl", data, num_classes)
     assert (fast is None) == (case == "empty")  # Arrow refuses an empty file: the line parser reads it
     fast = fast or slow
     assert fast.rows.dtype == slow.rows.dtype == np.int64 and fast.rows.tolist() == slow.rows.tolist()
@@ -576,7 +577,7 @@ def test_a_bad_line_is_named_by_file_and_line(shard_lines, tmp_path, case: str) 
     edit, message = BAD_LINES[case]
     bad = _edit(lines, 2, edit)
     path, manifest = write_shard(tmp_path, lines, "".join(x + "\n" for x in bad))
-    assert parse_shard_fast(path.read_bytes(), NUM_CLASSES) is None
+    assert parse_shard_fast(io.BytesIO(path.read_bytes()), NUM_CLASSES) is None
     with pytest.raises(ResultDirError) as e:
         list(read_shards(str(tmp_path), manifest))
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
