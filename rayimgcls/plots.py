@@ -35,6 +35,7 @@ def figure_png(fig: Any, dpi: int = 100, compress_level: int = 6) -> bytes:
 
     buf = io.BytesIO()
     fig.tight_layout()  # not savefig's bbox_inches="tight", which draws the figure twice
+    fig.set_layout_engine(None)  # laid out: left set, savefig would draw it once more before drawing it
     fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": compress_level})
     plt.close(fig)
     return buf.getvalue()
@@ -59,7 +60,8 @@ def confusion_png(names: list[str], cm: np.ndarray) -> bytes:
             for i in range(n):
                 for j in range(n):
                     color = "white" if share[i, j] > 0.5 else "black"
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
+                    # inside the axes: tight_layout need not measure each one
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=8, in_layout=False)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title("confusion matrix\n(colour: share of the true class)", fontsize=10)
