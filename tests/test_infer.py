@@ -583,6 +583,21 @@ def test_a_bad_line_is_named_by_file_and_line(shard_lines, tmp_path, case: str) 
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
 
 
+def test_shards_on_s3_are_streamed_the_same(shard_lines, s3, tmp_path) -> None:
+    from rayimgcls import storage
+    from rayimgcls.infer import parse_shard_fast, read_shards
+
+    lines, _ = shard_lines["multiclass"]
+    path, manifest = write_shard(tmp_path / "out", lines)
+    (local,) = read_shards(str(tmp_path / "out"), manifest)
+    uri = s3.upload(tmp_path / "out", "result")
+    (remote,) = read_shards(uri, manifest)
+    with storage.open_input(f"{uri}/{path.name}") as f:
+        assert parse_shard_fast(f, NUM_CLASSES) is not None  # through Arrow, not the fallback
+    assert remote.rows.tolist() == local.rows.tolist() and remote.inputs == local.inputs
+    assert remote.errors == local.errors and remote.probs.tobytes() == local.probs.tobytes()
+
+
 def test_unusual_but_valid_shards_read_as_json_reads_them(shard_lines, tmp_path) -> None:
     """What Arrow refuses or infer never writes, but JSON allows, is read, not refused: non-ASCII text,
     integer probabilities, CRLF line ends, no newline after the last line, fields in another order."""
