@@ -3,11 +3,17 @@
 The result dir is written with infer's own code (`read_inputs`, `plan_shards`, `build_manifest`,
 `ShardWriter`, `prediction_line`) from the real probabilities of an untrained 1,000-class tiny ViT on
 --images distinct images; row i shows image i % --images, so every thumbnail is a real file. Each figure is
-measured in a fresh process (peak memory is per process; the file cache is warm after the first read):
+measured in a fresh process (peak memory is per process; the file cache is warm after the first read), in
+wall seconds and in CPU seconds (all threads), which other jobs on a shared machine inflate far less; the load
+average is printed with them:
 
-- parse: read every shard and `json.loads` every line, keeping nothing: the floor of any reader of the format;
-- evaluate: `rayimgcls.evaluate.evaluate()` (load, join, metrics, evaluation.json, confusion CSV/PNG,
-  report.html), with the report.html step timed inside it.
+- parse: stream every shard through `pyarrow.json` (the fields evaluate reads, in the blocks it reads, with
+  none of its checks), keeping nothing: the floor of evaluate's reader, and the ratio's baseline (a plain
+  `read_json` of a whole shard needs about twice the memory);
+- json: the same with `json.loads` line by line (how evaluate read shards before), for comparison;
+- evaluate: `import rayimgcls.evaluate` and `evaluate()` (load, join, metrics, evaluation.json, confusion
+  CSV/PNG, report.html), as `rayimgcls evaluate` runs them, with the import and the report.html step timed
+  inside it.
 
     python benchmarks/bench_report.py                      # 100,000 x 1,000: ~2.5 GB of shards, a few minutes
     python benchmarks/bench_report.py --rows 20000 --runs 3
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -83,18 +91,40 @@ def peak_mb() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
-def parse_only(result: str) -> tuple[float, float]:
-    start = time.perf_counter()
+def cpu_s() -> float:
+    """CPU seconds of this process, all its threads: what other jobs on a shared machine inflate least."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parse_only(result: str) -> dict:
+    import pyarrow.json as pa_json
+
+    from rayimgcls.infer import BLOCK_BYTES, LINE_SCHEMA
+
+    options = pa_json.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
+    blocks = pa_json.ReadOptions(block_size=BLOCK_BYTES)
+    start, cpu = time.perf_counter(), cpu_s()
+    for shard in sorted(Path(result).glob("predictions-*.jsonl")):
+        pa_json.open_json(shard, blocks, options).read_all()
+    return {"s": time.perf_counter() - start, "cpu": cpu_s() - cpu, "mb": peak_mb()}
+
+
+def json_only(result: str) -> dict:
+    start, cpu = time.perf_counter(), cpu_s()
     for shard in sorted(Path(result).glob("predictions-*.jsonl")):
         with shard.open() as f:
             for line in f:
                 json.loads(line)
-    return time.perf_counter() - start, peak_mb()
+    return {"s": time.perf_counter() - start, "cpu": cpu_s() - cpu, "mb": peak_mb()}
 
 
-def evaluate_once(result: str) -> tuple[float, float, float]:
+def evaluate_once(result: str) -> dict:
+    """Seconds with the imports, as `rayimgcls evaluate` pays them; of which imports and report.html."""
+    start, cpu = time.perf_counter(), cpu_s()
     import rayimgcls.evaluate as ev
 
+    imported = time.perf_counter() - start
     timed = {}
     write = ev.write_evaluation_report
 
@@ -104,9 +134,14 @@ def evaluate_once(result: str) -> tuple[float, float, float]:
         timed["report"] = time.perf_counter() - start
 
     ev.write_evaluation_report = write_timed
-    start = time.perf_counter()
     ev.evaluate(result)
-    return time.perf_counter() - start, timed["report"], peak_mb()
+    out = {"s": time.perf_counter() - start, "cpu": cpu_s() - cpu, "mb": peak_mb()}
+    return out | {"import": imported, "report": timed["report"]}
+
+
+def summary(runs: list[dict]) -> dict:
+    """The median of each figure over the runs; the largest peak memory."""
+    return {k: max(r[k] for r in runs) if k == "mb" else statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def fresh(fn, *args):
@@ -125,24 +160,31 @@ def main() -> None:
         f"result dir {result}: {args.rows} rows x {args.classes} classes, {size:.2f} GB of shards "
         f"(built/found in {time.perf_counter() - start:.0f} s)"
     )
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     fresh(parse_only, result)  # warm-up: the file cache
     parse = [fresh(parse_only, result) for _ in range(args.runs)]
+    loads = [fresh(json_only, result) for _ in range(args.runs)]
     evals = [fresh(evaluate_once, result) for _ in range(args.runs)]
-    parse_s, parse_mb = statistics.median(p[0] for p in parse), max(p[1] for p in parse)
-    eval_s, report_s = statistics.median(e[0] for e in evals), statistics.median(e[1] for e in evals)
-    eval_mb = max(e[2] for e in evals)
+    parse_m, json_m, eval_m = summary(parse), summary(loads), summary(evals)
     html = Path(result) / "report.html"
-    print(f"parse only:  {parse_s:6.1f} s, peak {parse_mb:6.0f} MB")
+    print(f"load average before the runs: {load_before}, after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for label, m, note in (
+        ("parse only:", parse_m, "pyarrow.json, no checks"),
+        ("json.loads:", json_m, "every line, keeping nothing"),
+    ):
+        print(f"{label:12} {m['s']:6.1f} s ({m['cpu']:5.1f} s CPU), peak {m['mb']:6.0f} MB ({note})")
     print(
-        f"evaluate:    {eval_s:6.1f} s, peak {eval_mb:6.0f} MB (report.html {report_s:.1f} s, "
+        f"evaluate:    {eval_m['s']:6.1f} s ({eval_m['cpu']:5.1f} s CPU), peak {eval_m['mb']:6.0f} MB "
+        f"(imports {eval_m['import']:.1f} s, report.html {eval_m['report']:.1f} s, "
         f"{html.stat().st_size / 1e6:.1f} MB, {html.read_text().count('<img ')} images)"
     )
+    eval_s, report_s = eval_m["s"], eval_m["report"]
     probs_mb = args.rows * args.classes * 8 / 1e6
     print(f"the probabilities alone as float64: {probs_mb:.0f} MB")
-    print(f"RESULT evaluate_vs_parse ratio={eval_s / parse_s:.2f} target=1.5")
+    print(f"RESULT evaluate_vs_parse ratio={eval_s / parse_m['s']:.2f} target=1.5")
     print(f"RESULT evaluate_seconds_vs_minute ratio={eval_s / 60:.2f} target=0.5")
     print(f"RESULT report_share ratio={report_s / eval_s:.3f} target=0.1")
-    print(f"RESULT evaluate_memory_vs_probs ratio={eval_mb / probs_mb:.2f} target=1.5")
+    print(f"RESULT evaluate_memory_vs_probs ratio={eval_m['mb'] / probs_mb:.2f} target=1.5")
 
 
 if __name__ == "__main__":

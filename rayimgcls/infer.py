@@ -11,6 +11,7 @@ is always complete and `--resume` can skip it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -20,10 +21,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from rayimgcls import console, storage, telemetry
 from rayimgcls.config import InferConfig
@@ -273,8 +277,28 @@ def write_manifest(result_dir: str, manifest: dict) -> None:
     storage.write_text(storage.join(result_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
-def iter_lines(result_dir: str, manifest: dict) -> Iterator[dict]:
-    """Every line of every shard, in input order; refuses an incomplete result (a shard missing)."""
+# The fields evaluate reads from a line; the others (top_k, labels) are skipped unconverted.
+LINE_SCHEMA = pa.schema(
+    [("input", pa.string()), ("row", pa.int64()), ("error", pa.string()), ("predictions", pa.list_(pa.float64()))]
+)
+_LINE_PARSE = pa_json.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
+BLOCK_BYTES = 4 << 20  # Arrow parses a shard in blocks of this (a block holds whole lines: see _block_bytes)
+
+
+@dataclass(frozen=True)
+class ShardLines:
+    """One shard's lines as columns; `probs` holds the lines without an error, in order."""
+
+    rows: np.ndarray  # int64, one per line
+    inputs: list[str]
+    errors: list[str]  # "" for a line with predictions
+    probs: np.ndarray  # (lines without an error, classes) float64
+
+
+def read_shards(result_dir: str, manifest: dict) -> Iterator[ShardLines]:
+    """Every shard as columns, in input order, one shard in memory at a time. Refuses an incomplete result
+    (a shard missing), a line that is not one of ours (naming the file and line) and a shard that does not
+    hold exactly its planned rows."""
     files = set(storage.list_files(result_dir))
     missing = [s["file"] for s in manifest["shards"] if s["file"] not in files]
     if missing:
@@ -283,13 +307,126 @@ def iter_lines(result_dir: str, manifest: dict) -> Iterator[dict]:
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
             "finish the run with `rayimgcls infer ... --resume`"
         )
+    num_classes = manifest["model"]["num_classes"]
     for shard in manifest["shards"]:
         path = storage.join(result_dir, shard["file"])
-        for n, text in enumerate(storage.read_text(path).splitlines(), start=1):
-            try:
-                yield json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ResultDirError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        with storage.open_input(path) as f:
+            lines = parse_shard_fast(f, num_classes)
+        lines = lines or parse_shard_lines(path, storage.read_bytes(path), num_classes)
+        if problem := _planned_mismatch(lines.rows, shard):
+            raise ResultDirError(f"{path}: {problem}; `rayimgcls infer ... --resume` computes it again")
+        yield lines
+
+
+class _LineCounter(io.RawIOBase):
+    """A binary stream that counts the newlines Arrow reads through it and sees whether all was ASCII."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.newlines, self.ascii = f, 0, True
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.newlines += data.count(b"\n")
+        self.ascii = self.ascii and data.isascii()
+        return data
+
+
+def parse_shard_fast(f: BinaryIO, num_classes: int) -> ShardLines | None:
+    """A shard streamed through Arrow's JSON reader, block by block, with no Python step per line (3x
+    json.loads, no float objects, a fraction of the shard in memory); None when it is not plainly lines as
+    infer writes them, for `parse_shard_lines` to name what is wrong or read what Arrow refuses (non-ASCII
+    text, say: json.dumps writes ASCII)."""
+    counter = _LineCounter(f)
+    options = pa_json.ReadOptions(block_size=_block_bytes(num_classes))
+    try:
+        table = pa_json.open_json(pa.PythonFile(counter, mode="r"), options, _LINE_PARSE).read_all()
+    except pa.ArrowException:  # not JSON, a field of another type, a line longer than a block, an empty file
+        return None
+    if not counter.ascii or table.num_rows != counter.newlines:
+        return None  # Arrow skips blank lines and reads two objects on one line
+    if table["row"].null_count or table["input"].null_count:
+        return None
+    failed = pc.is_valid(table["error"]).to_numpy(zero_copy_only=False)
+    predictions = table["predictions"].combine_chunks()
+    if failed.any():
+        if pc.any(pc.equal(table["error"], "")).as_py():
+            return None
+        predictions = predictions.filter(pa.array(~failed))
+    if predictions.null_count or pc.any(pc.not_equal(pc.list_value_length(predictions), num_classes)).as_py():
+        return None
+    values = predictions.flatten()
+    if values.null_count:
+        return None
+    return ShardLines(
+        table["row"].to_numpy(),
+        table["input"].to_pylist(),
+        pc.fill_null(table["error"], "").to_pylist(),
+        values.to_numpy().reshape(-1, num_classes),
+    )
+
+
+def _block_bytes(num_classes: int) -> int:
+    """A block must hold the longest line: a probability is at most 24 characters as json.dumps writes it,
+    a top-k entry some 60 plus its label (a longer line than this falls back to the line parser)."""
+    return max(BLOCK_BYTES, 256 * num_classes + (1 << 20))
+
+
+def parse_shard_lines(path: str, data: bytes, num_classes: int) -> ShardLines:
+    """A shard parsed line by line with json: what `parse_shard_fast` reads, the same, and the first line
+    that is not one of ours named (file:line) with what is wrong with it."""
+    lines = storage.decode_text(data, path).split("\n")
+    lines = lines[:-1] if not lines[-1] else lines
+    rows, inputs, errors = [], [], []
+    probs = np.empty((len(lines), num_classes), dtype=np.float64)
+    predicted = 0
+    for n, text in enumerate(lines, start=1):
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ResultDirError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if problem := _line_problem(line, num_classes):
+            raise ResultDirError(f"{path}:{n}: {problem}")
+        rows.append(line["row"])
+        inputs.append(line["input"])
+        errors.append(line.get("error") or "")
+        if not errors[-1]:
+            probs[predicted] = line["predictions"]
+            predicted += 1
+    return ShardLines(np.array(rows, dtype=np.int64), inputs, errors, probs[:predicted])
+
+
+def _line_problem(line: Any, num_classes: int) -> str | None:
+    """What makes a parsed line other than a prediction or an error line as infer writes them (DESIGN §5)."""
+    if not isinstance(line, dict):
+        return "not a JSON object"
+    row = line.get("row")
+    if type(row) is not int or not -(2**63) <= row < 2**63:
+        return 'no integer "row"'
+    if not isinstance(line.get("input"), str):
+        return f'row {row}: no string "input"'
+    if line.get("error") is not None:
+        return None if isinstance(line["error"], str) and line["error"] else f'row {row}: "error" is not a message'
+    predictions = line.get("predictions")
+    if (
+        not isinstance(predictions, list)
+        or len(predictions) != num_classes
+        or not all(type(p) in (int, float) for p in predictions)
+    ):
+        return f'row {row}: "predictions" is not {num_classes} probabilities'
+    return None
+
+
+def _planned_mismatch(rows: np.ndarray, shard: dict) -> str | None:
+    """Why a shard's rows are not the manifest's plan for it (how many, first and last); None when they are."""
+    planned = shard["stop"] - shard["start"]
+    if len(rows) != planned:
+        return f"{len(rows)} lines where the manifest plans {planned} (rows {shard['first_row']}..{shard['last_row']})"
+    if planned and (rows[0], rows[-1]) != (shard["first_row"], shard["last_row"]):
+        return f"rows {rows[0]}..{rows[-1]} where the manifest plans {shard['first_row']}..{shard['last_row']}"
+    return None
 
 
 def prepare_result_dir(cfg: InferConfig, manifest: dict, rows: np.ndarray) -> set[int]:

@@ -14,7 +14,7 @@ import os
 import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -210,6 +210,15 @@ def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
         return f.read_at(length, offset)
+
+
+@_user_path
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """The file as a binary stream, for a reader that takes it in pieces instead of holding it whole."""
+    if not is_uri(path):
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    fs, inner = filesystem(path)
+    return fs.open_input_stream(inner)
 
 
 def read_text(path: str | os.PathLike) -> str:

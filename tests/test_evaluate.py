@@ -188,6 +188,21 @@ def test_incomplete_or_missing_result_is_refused(multiclass_result, tmp_path) ->
     assert result.exit_code == 2 and "no manifest.json" in result.output and "Traceback" not in result.output
 
 
+def test_a_broken_or_short_shard_is_refused_naming_it(multiclass_result) -> None:
+    """A bad line is named by file and line (no traceback); a shard short of a line is refused, not scored
+    as if that row never existed."""
+    _, out = multiclass_result
+    shard = out / "predictions-00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text(lines[0] + lines[1].replace('"predictions": [0.2, 0.5, 0.3]', '"predictions": [0.2, 0.5]'))
+    result = CliRunner().invoke(app, ["evaluate", "--result-dir", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f'{shard}:2: row 3: "predictions" is not 3 probabilities' in " ".join(result.output.split())
+    shard.write_text("".join(lines[:3]))
+    with pytest.raises(ResultDirError, match=r"predictions-00000.jsonl: 3 lines where the manifest plans 4"):
+        evaluate(str(out))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Multi-label
 

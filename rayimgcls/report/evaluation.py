@@ -186,6 +186,7 @@ def _matrix_png(values, colour, labels: list[str], title: str, fmt, counts) -> b
                         va="center",
                         fontsize=7 if n > 12 else 8,
                         color="white" if dark else "#1f2328",
+                        in_layout=False,  # inside the axes: tight_layout need not measure 900 of them
                     )
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
