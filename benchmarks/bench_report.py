@@ -49,8 +49,9 @@ def parse_args() -> argparse.Namespace:
 def build(args: argparse.Namespace) -> Path:
     """data/ (images + labels.csv), model/ and result/ (shards + manifest), made once per setting."""
     from rayimgcls.config import InferConfig
-    from rayimgcls.infer import ShardWriter, build_manifest, plan_shards, prediction_line, read_inputs, write_manifest
+    from rayimgcls.infer import build_manifest, read_inputs
     from rayimgcls.model import Predictor, make_untrained_model_dir
+    from rayimgcls.results import ShardWriter, plan_shards, prediction_line, write_manifest
     from rayimgcls.synth import SynthConfig, make_dataset
 
     work = Path(args.workdir) / f"{args.rows}x{args.classes}"
@@ -100,7 +101,7 @@ def cpu_s() -> float:
 def parse_only(result: str) -> dict:
     import pyarrow.json as pa_json
 
-    from rayimgcls.infer import BLOCK_BYTES, LINE_SCHEMA
+    from rayimgcls.results import BLOCK_BYTES, LINE_SCHEMA
 
     options = pa_json.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
     blocks = pa_json.ReadOptions(block_size=BLOCK_BYTES)

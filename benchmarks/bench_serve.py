@@ -293,8 +293,9 @@ def run_plain_server(model_dir: str, port: int, threads: int) -> None:
     import torch
     import uvicorn
 
+    from rayimgcls.card import format_prediction
     from rayimgcls.images import preprocess
-    from rayimgcls.model import Predictor, format_prediction
+    from rayimgcls.model import Predictor
 
     torch.set_num_threads(threads)
     predictor = Predictor.from_dir(model_dir, "cpu", "fp32")

@@ -624,8 +624,9 @@ def plain_train(plan: Plan, root: Path, out: Path) -> Path:
     import pandas as pd
     import torch
 
+    from rayimgcls.card import ModelCard
     from rayimgcls.images import Augment, PreprocessConfig, normalize, preprocess
-    from rayimgcls.model import ModelCard, create_model, save_model_dir
+    from rayimgcls.model import create_model, save_model_dir
 
     name, kwargs, size = plan.parity_spec()
     labels = pd.read_csv(root / "labels.csv", keep_default_na=False).drop_duplicates("image_path")

@@ -106,7 +106,7 @@ def user_errors() -> Iterator[None]:
         TextEncodingError,
     )
     try:
-        from rayimgcls.model import ModelError
+        from rayimgcls.card import ModelError
 
         known += (ModelError,)
         yield
@@ -327,7 +327,8 @@ def infer(**flags: Any) -> None:
     config, address = _split(flags, "config", "address")
     with user_errors():
         cfg = load_config(InferConfig, config, flags)
-        from rayimgcls.infer import PipelineError, ResultDirError, run_inference
+        from rayimgcls.infer import run_inference
+        from rayimgcls.results import PipelineError, ResultDirError
 
         try:
             summary = run_inference(cfg, address)
@@ -362,7 +363,7 @@ def evaluate(
 ) -> None:
     """Metrics of a batch-inference result against labels.csv: accuracy, per-class P/R/F1, confusion matrix
     (CSV + PNG), most-confused pairs and worst predictions; mAP and F1 at thresholds for multi-label."""
-    from rayimgcls.infer import ResultDirError
+    from rayimgcls.results import ResultDirError
 
     if subset not in (None, "train", "validation", "test"):
         fail(f"--subset {subset!r}: allowed train, validation, test")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from rayimgcls import metrics, storage
+from rayimgcls.card import ModelError, read_card, write_card
 from rayimgcls.dataset import (
     LABELS_CSV,
     DatasetError,
@@ -28,10 +29,9 @@ from rayimgcls.dataset import (
     read_csv,
     rows_fingerprint,
 )
-from rayimgcls.infer import ResultDirError, read_manifest, read_shards
-from rayimgcls.model import ModelError, read_card, write_card
 from rayimgcls.plots import confusion_png
 from rayimgcls.report.evaluation import write_evaluation_report
+from rayimgcls.results import ResultDirError, read_manifest, read_shards
 from rayimgcls.text import spreadsheet_cell
 
 EXAMPLES = 20  # error lines / unlabelled rows listed in the report

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from rayimgcls import storage
+from rayimgcls.card import WEIGHTS_FILE
 from rayimgcls.config import ConfigError, TrainConfig, to_yaml
 from rayimgcls.dataset import CLASS_TO_IDX_JSON, LABELS_CSV, Problem
-from rayimgcls.model import WEIGHTS_FILE
 from rayimgcls.text import spreadsheet_cell
 
 CONFIG_FILE = "config.yaml"

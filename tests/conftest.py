@@ -4,6 +4,7 @@ image files. Nothing is downloaded; everything is made here."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -280,3 +281,15 @@ def screenshot(tab, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     tab.screenshot(path=str(path), full_page=True)
     return path
+
+
+def edited_model_dir(model_dir, tmp_path, edit) -> str:
+    """A copy of `model_dir` whose config.json went through `edit(dict)` (written by hand, weights unchanged)."""
+    from rayimgcls.card import CONFIG_FILE
+
+    out = tmp_path / "edited"
+    shutil.copytree(model_dir, out)
+    card = json.loads((out / CONFIG_FILE).read_text())
+    edit(card)
+    (out / CONFIG_FILE).write_text(json.dumps(card))
+    return str(out)

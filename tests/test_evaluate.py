@@ -11,11 +11,12 @@ import pytest
 from conftest import TINY_VIT
 from typer.testing import CliRunner
 
+from rayimgcls.card import ModelError, read_card
 from rayimgcls.cli import app
 from rayimgcls.dataset import DatasetError, rows_fingerprint
 from rayimgcls.evaluate import TUNED_ON_EVALUATED, evaluate, format_report
-from rayimgcls.infer import ResultDirError
-from rayimgcls.model import ModelError, make_untrained_model_dir, read_card
+from rayimgcls.model import make_untrained_model_dir
+from rayimgcls.results import ResultDirError
 
 NAMES = ["cat", "dog", "bird"]
 # labels.csv lines 2..8: image, label, subset

@@ -28,8 +28,9 @@ from conftest import IMAGE_SIZE, NUM_CLASSES, encode, free_port, odd_image_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
+from rayimgcls.card import ModelError, read_card
 from rayimgcls.config import ConfigError, ServeConfig
-from rayimgcls.model import ModelError, Predictor, read_card
+from rayimgcls.model import Predictor
 
 API_KEY = "test-key-0123"
 SETTINGS = {  # small reservations so both applications fit in the session's 2 CPUs

@@ -16,7 +16,7 @@ import requests
 from conftest import NUM_CLASSES
 from test_serve import API_KEY, SETTINGS, classify, png, url  # noqa: F401 - url: the module's Serve instance
 
-from rayimgcls.model import read_card
+from rayimgcls.card import read_card
 
 tritonclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

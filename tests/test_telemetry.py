@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_serve import classify, files, png, url  # noqa: F401 - url: the module's Serve instance
 
 from rayimgcls import telemetry
+from rayimgcls.card import read_card
 from rayimgcls.config import InferConfig
-from rayimgcls.model import read_card
 
 DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 APP = "plain"  # the 4-class application of test_serve's Serve instance
@@ -118,7 +118,8 @@ def test_discovery_file_lists_this_node(ray_session) -> None:
 
 @pytest.mark.timeout(240)
 def test_batch_inference_rows_errors_shards_and_rate(ray_session, shapes_root, model_dir, tmp_path) -> None:
-    from rayimgcls.infer import read_manifest, run_inference
+    from rayimgcls.infer import run_inference
+    from rayimgcls.results import read_manifest
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

@@ -17,8 +17,8 @@ import requests
 from conftest import free_port
 from test_train import tiny_config
 
+from rayimgcls.card import read_card
 from rayimgcls.config import ConfigError, TrainConfig
-from rayimgcls.model import read_card
 from rayimgcls.synth import SynthConfig, make_dataset
 from rayimgcls.train import run
 

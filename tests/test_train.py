@@ -18,10 +18,11 @@ import pytest
 import torch
 from conftest import TINY_VIT
 
+from rayimgcls.card import ModelError, read_card
 from rayimgcls.config import ConfigError, TrainConfig
 from rayimgcls.dataset import DatasetError
 from rayimgcls.demo import DEMO_RECIPE, demo_train_config
-from rayimgcls.model import ModelError, create_model, load_model_dir, read_card
+from rayimgcls.model import create_model, load_model_dir
 from rayimgcls.rundir import load_checkpoint_weights, load_train_state
 from rayimgcls.runtime import ResourceError
 from rayimgcls.synth import SynthConfig, make_dataset

@@ -36,9 +36,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from rayimgcls import __version__, telemetry
+from rayimgcls.card import format_prediction, read_card
 from rayimgcls.config import ServeConfig
 from rayimgcls.images import ACCEPTED_FORMATS, to_chw_uint8
-from rayimgcls.model import Predictor, format_prediction, read_card
+from rayimgcls.model import Predictor
 from rayimgcls.serve import oip
 from rayimgcls.serve.api import API_KEY_ENV, create_api
 from rayimgcls.serve.http import (

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from rayimgcls import __version__
+from rayimgcls.card import ModelCard
 from rayimgcls.config import ServeConfig
-from rayimgcls.model import ModelCard
 from rayimgcls.serve.http import ApiError, shown
 
 INPUT_IMAGE, INPUT_PIXELS = "image", "pixels"

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from rayimgcls import console, storage
+from rayimgcls.card import ModelCard, ModelError, read_card
 from rayimgcls.config import ConfigError, TrainConfig, diff, float_triple
 from rayimgcls.dataset import (
     LABELS_CSV,
@@ -33,15 +34,7 @@ from rayimgcls.dataset import (
     resolve_classes,
 )
 from rayimgcls.images import Augment, PreprocessConfig
-from rayimgcls.model import (
-    ModelCard,
-    ModelError,
-    check_model_name,
-    create_model,
-    load_weights,
-    read_card,
-    save_model_dir,
-)
+from rayimgcls.model import check_model_name, create_model, load_weights, save_model_dir
 from rayimgcls.report import training as training_report
 from rayimgcls.rundir import (
     MODEL_DIR,
