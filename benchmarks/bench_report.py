@@ -182,10 +182,10 @@ def main() -> None:
     eval_s, report_s = eval_m["s"], eval_m["report"]
     probs_mb = args.rows * args.classes * 8 / 1e6
     print(f"the probabilities alone as float64: {probs_mb:.0f} MB")
-    print(f"RESULT evaluate_vs_parse ratio={eval_s / parse_m['s']:.2f} target=1.5")
-    print(f"RESULT evaluate_seconds_vs_minute ratio={eval_s / 60:.2f} target=0.5")
-    print(f"RESULT report_share ratio={report_s / eval_s:.3f} target=0.1")
-    print(f"RESULT evaluate_memory_vs_probs ratio={eval_m['mb'] / probs_mb:.2f} target=1.5")
+    print(f"RESULT evaluate_vs_parse ratio={eval_s / parse_m['s']:.2f} target=<1.5")
+    print(f"RESULT evaluate_seconds_vs_minute ratio={eval_s / 60:.2f} target=<0.5")
+    print(f"RESULT report_share ratio={report_s / eval_s:.3f} target=<0.1")
+    print(f"RESULT evaluate_memory_vs_probs ratio={eval_m['mb'] / probs_mb:.2f} target=<1.5")
 
 
 if __name__ == "__main__":
