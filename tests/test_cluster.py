@@ -489,6 +489,10 @@ def run_cli(
     return proc
 
 
+RECIPE_KNOBS = ["--augment", "none", "--crop-mode", "squash", "--grad-accum-steps", "2", "--clip-grad", "1.0"]
+RECIPE_KNOBS += ["--model-ema", "--model-ema-warmup", "--class-weights", "auto"]
+RECIPE_STORED = {"augment": "none", "crop_mode": "squash", "grad_accum_steps": 2, "clip_grad": 1.0}
+RECIPE_STORED |= {"model_ema": True, "model_ema_warmup": True, "class_weights": "auto"}
 TINY_TRAIN = [
     "--model",
     "vit_tiny_patch16_224",
@@ -700,6 +704,7 @@ def test_job_scripts_submit_training_and_inference_with_token_auth(cluster, s3_s
             "--weight-decay",
             "0",
             *TINY_TRAIN,
+            *RECIPE_KNOBS,  # issue 14's knobs reach the workers of a submitted job the same way
         ],
         env=env,
         cwd=REPO,
@@ -734,6 +739,14 @@ def test_job_scripts_submit_training_and_inference_with_token_auth(cluster, s3_s
     assert "predictions-00000.jsonl" in s3.keys("cluster", "job-preds")
     assert "model/model.safetensors" in s3.keys("cluster", "job-runs", "job")
     assert_tensorboard_matches_metrics(s3, "cluster/job-runs/job", tmp_path)
+    stored = yaml.safe_load(read(s3, "cluster/job-runs/job/config.yaml"))
+    assert stored | RECIPE_STORED == stored  # what the workers were given
+    epochs = [
+        x for x in map(json.loads, read(s3, "cluster/job-runs/job/metrics.jsonl").splitlines()) if x["type"] == "epoch"
+    ]
+    assert epochs and all(x["weights"] in ("ema", "raw") for x in epochs)  # the EMA was kept and scored
+    card = json.loads(read(s3, "cluster/job-runs/job/model/config.json"))
+    assert card["preprocess"]["crop_mode"] == "squash"  # and the crop mode reached the model directory
 
 
 def assert_tensorboard_matches_metrics(s3: S3Server, run: str, tmp_path: Path) -> None:
