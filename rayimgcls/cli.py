@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, Optional
@@ -151,7 +152,8 @@ def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[...
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             shown = "" if default in (None, "", {}) else f" \\[default: {default}]"  # "\\[": not rich markup
             option = typer.Option(None, *decls, help=f.metadata.get("help", "") + shown, show_default=False)
-            annotation = Optional[str] if tp is dict else Optional[tp]  # noqa: UP045 - a dict is given as JSON
+            given_as_text = tp is dict or typing.get_origin(tp) is list  # JSON; a list as '0.5,0.5,0.5'
+            annotation = Optional[str] if given_as_text else Optional[tp]  # noqa: UP045
             params.append(
                 inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
             )

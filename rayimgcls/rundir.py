@@ -79,6 +79,9 @@ class RunDir:
             self.write_fingerprint(fingerprint)
             return
         stored = json.loads(storage.read_text(path))
+        if "class_weights" not in stored and "class_weights" in fingerprint:  # a run from before it was recorded
+            self.write_fingerprint({**stored, "class_weights": fingerprint["class_weights"]})
+            stored["class_weights"] = fingerprint["class_weights"]
         changes = [
             f"{name}: {_short(stored.get(name))} -> {_short(fingerprint.get(name))}"
             for name in sorted(set(stored) | set(fingerprint))
@@ -187,15 +190,17 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(data_root: str, pretrained: str | None) -> dict[str, str | None]:
-    """sha256 of what the run learns from: labels.csv, class_to_idx.json and a local --pretrained file (a hub
-    name stands for itself)."""
+def data_fingerprint(data_root: str, pretrained: str | None, class_weights: str | None = None) -> dict[str, str | None]:
+    """sha256 of what the run learns from: labels.csv, class_to_idx.json, a local --pretrained file (a hub
+    name stands for itself) and a --class-weights file (config.yaml holds only its path)."""
     out: dict[str, str | None] = {}
     for name in (LABELS_CSV, CLASS_TO_IDX_JSON):
         path = storage.join(data_root, name)
         out[name] = sha256_file(path) if storage.exists(path) else None
     if pretrained:
         out["pretrained"] = sha256_file(pretrained) if storage.exists(pretrained) else f"hub:{pretrained}"
+    if class_weights:
+        out["class_weights"] = sha256_file(class_weights)
     return out
 
 

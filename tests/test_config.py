@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayimgcls.config import ConfigError, TrainConfig, diff, load_config
+from rayimgcls.config import ConfigError, TrainConfig, diff, load_config, to_yaml
 
 
 def test_sambastudio_defaults():
@@ -74,7 +74,7 @@ def test_unknown_yaml_keys_and_bad_types_are_named(tmp_path):
         ("interpolation", "cubic", "bilinear | bicubic"),
         ("mean", "0.5,0.5", "three comma-separated floats"),
         ("mean", "inf,0.5,0.5", "three comma-separated floats"),
-        ("std", "0.5,0,0.5", "three floats > 0"),
+        ("std", "0.5,0,0.5", "three comma-separated floats, 0 < x <= 10"),
         ("early_stopping_patience", 0, ">= 1"),
         ("early_stopping_min_delta", -0.1, ">= 0"),
         ("label_smoothing", 1.0, "0 <= x < 1"),
@@ -115,3 +115,89 @@ def test_ema_and_compile_keys_come_from_yaml_and_show_in_config_yaml(tmp_path):
     old = TrainConfig(data_root="d").__dict__
     new = TrainConfig(data_root="d", torch_compile=True, model_ema=True)
     assert diff(old, new, TrainConfig.RESUMABLE_CHANGES) == ["model_ema: False -> True"]
+
+
+def test_yaml_values_are_typed_strictly(tmp_path):
+    """Review 14: a boolean is no number (nor 0.5 a boolean), null is refused for a field that has no None, and
+    YAML lists with exponents (read as strings) still give numbers."""
+    for text, message in [
+        ("crop_pct: true", "crop_pct=True: expected float"),
+        ("grad_accum_steps: true", "grad_accum_steps=True: expected int"),
+        ("hflip: true", "hflip=True: expected float"),
+        ("early_stopping_patience: yes", "early_stopping_patience=True: expected int"),
+        ("random_resized_crop: 0.5", "random_resized_crop=0.5: expected bool"),
+        ("randaugment: true", "randaugment=True: expected str"),
+        ("class_weights: null", "class_weights=None: expected str"),
+        ("mean: [0.5, true, 0.5]", "mean=\\[0.5, True, 0.5\\]: allowed three comma-separated floats"),
+    ]:
+        (tmp_path / "r.yaml").write_text(f"data_root: d\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, str(tmp_path / "r.yaml"))
+    (tmp_path / "r.yaml").write_text("data_root: d\nstd: [1e-12, 1, 1]\nmean: [0, 0.5, 1]\nmodel_ema: 1\n")
+    cfg = load_config(TrainConfig, str(tmp_path / "r.yaml"))
+    assert (cfg.std, cfg.mean, cfg.model_ema) == ([1e-12, 1.0, 1.0], [0.0, 0.5, 1.0], True)
+
+
+def test_mean_and_std_are_three_floats_however_written(tmp_path):
+    """The same mean as a YAML list and as the flag's text is the same setting (a resume compares them)."""
+    (tmp_path / "r.yaml").write_text("data_root: d\nmean: [0.5, 0.5, 0.5]\n")
+    from_yaml = load_config(TrainConfig, str(tmp_path / "r.yaml"))
+    from_flag = load_config(TrainConfig, None, {"data_root": "d", "mean": "0.5,0.5,0.5"})
+    assert from_yaml.mean == from_flag.mean == [0.5, 0.5, 0.5]
+    assert diff(from_yaml.__dict__, from_flag) == []
+    assert "mean:\n- 0.5\n- 0.5\n- 0.5\n" in to_yaml(from_flag)
+    for name, value in [("mean", "1e308,0,0"), ("mean", "-0.1,0,0"), ("std", "11,1,1"), ("std", "nan,1,1")]:
+        with pytest.raises(ConfigError, match=f"{name}='{value}': allowed three comma-separated floats"):
+            TrainConfig(data_root="d", **{name: value})
+
+
+def test_a_key_missing_from_an_old_config_yaml_counts_as_its_default():
+    old = {k: v for k, v in TrainConfig(data_root="d").__dict__.items() if not k.startswith("model_ema")}
+    assert diff(old, TrainConfig(data_root="d")) == []
+    assert diff(old, TrainConfig(data_root="d", model_ema=True)) == ["model_ema: None -> True"]
+
+
+@pytest.mark.parametrize(
+    "spec,ok",
+    [("rand-m9-mstd0.5-inc1", True), ("rand-m9-n3-p0.5-mmax10-tweights", True), ("rand", True)]
+    + [("5", False), ("rand-xyz", False), ("rand-m", False), ("rand-m9.5", False), ("auto-m9", False)],
+)
+def test_randaugment_spec_is_parsed_before_ray(spec, ok):
+    if ok:
+        assert TrainConfig(data_root="d", randaugment=spec).randaugment == spec
+    else:
+        with pytest.raises(ConfigError, match=f"randaugment='{spec}': allowed rand-<sections>"):
+            TrainConfig(data_root="d", randaugment=spec)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"multilabel": True, "label_smoothing": 0.1}, "label_smoothing=0.1: not with multilabel"),
+        ({"clip_mode": "value"}, "clip_mode='value': needs clip_grad"),
+        ({"early_stopping_min_delta": 0.01}, "early_stopping_min_delta=0.01: needs early_stopping_patience"),
+        (
+            {"random_resized_crop": False, "crop_scale_min": 0.3},
+            "crop_scale_min=0.3: needs random_resized_crop \\(it is off: --no-random-resized-crop\\)",
+        ),
+        ({"augment": "none", "crop_scale_min": 0.3}, "crop_scale_min=0.3: .*it is off: --augment none"),
+        ({"class_weights": ""}, "class_weights='': allowed none \\| auto \\| a JSON file"),
+        ({"class_weights": "AUTO"}, "class_weights='AUTO': allowed none \\| auto \\| a JSON file"),
+        (
+            {"class_weights": "auto", "augment": "strong"},
+            "class_weights='auto': not with mixup=0.8/cutmix=1.0 \\(--augment strong sets them\\)"
+            ".*--mixup 0 --cutmix 0",
+        ),
+    ],
+)
+def test_knobs_that_would_do_nothing_or_contradict_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(data_root="d", **kwargs)
+
+
+def test_presets_leave_multilabel_without_label_smoothing_and_their_own_values_pass():
+    assert TrainConfig(data_root="d", multilabel=True, augment="standard").label_smoothing == 0.0
+    # config.yaml of a run (every value resolved) loads again as a configuration
+    for augment in ("none", "light", "standard"):
+        stored = TrainConfig(data_root="d", augment=augment, random_resized_crop=False).__dict__
+        assert TrainConfig(**{k: v for k, v in stored.items() if not k.startswith("_")}).augment == augment

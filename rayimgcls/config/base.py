@@ -62,9 +62,13 @@ def base_type(tp: Any) -> Any:
 
 
 def coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a YAML or flag value to the field's type (YAML reads 1e-4 as a string, flags give JSON)."""
-    tp = base_type(field_types(cls)[name])
+    """Convert a YAML or flag value to the field's type (YAML reads 1e-4 as a string, flags give JSON). A
+    boolean is no number (YAML's `crop_pct: true` must not train at 1.0), nor a number a boolean."""
+    declared = field_types(cls)[name]
+    tp = base_type(declared)
     if value is None:
+        if not _optional(declared):
+            raise ConfigError(f"{name}=None: expected {_type_name(tp)} (leave the key out for the default)")
         return None
     try:
         if tp is bool:
@@ -72,7 +76,11 @@ def coerce(cls: type, name: str, value: Any) -> Any:
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError
                 return value.lower() in ("true", "yes", "1")
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError
+        if isinstance(value, bool) and tp is not str:
+            raise ValueError
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -84,9 +92,21 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return value
+        if typing.get_origin(tp) is list:  # a YAML list, or the flag's '0.5,0.5,0.5' (its dataclass checks it)
+            return value if isinstance(value, list | str) else [value]
+        if isinstance(value, list | dict | bool):
+            raise ValueError
         return str(value)
     except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{name}={value!r}: expected {_type_name(tp)}") from None
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return "a list of numbers" if typing.get_origin(tp) is list else getattr(tp, "__name__", str(tp))
 
 
 def check_keys(cls: type, keys: typing.Iterable[str], source: str) -> None:
@@ -124,6 +144,16 @@ def to_yaml(cfg: Any) -> str:
 
 
 def diff(old: dict[str, Any], new: Any, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Readable differences between a stored configuration and a new one."""
+    """Readable differences between a stored configuration and a new one. A key the stored one lacks (a run
+    from before the field existed) counts as unchanged while the new value is the field's default."""
     new_d = dataclasses.asdict(new)
-    return [f"{k}: {old.get(k)!r} -> {new_d[k]!r}" for k in new_d if k not in ignore and old.get(k) != new_d[k]]
+    defaults = {f.name: _default(f) for f in dataclasses.fields(new)}
+    return [
+        f"{k}: {old.get(k)!r} -> {new_d[k]!r}"
+        for k in new_d
+        if k not in ignore and (old[k] if k in old else defaults[k]) != new_d[k]
+    ]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from rayimgcls import storage
 from rayimgcls.config.architecture import model_problems
 from rayimgcls.config.base import PRECISIONS, check, opt, raise_if, safe_name
+
+MAX_STD = 10.0  # a std above this scales pixels to nothing; timm's are ~0.2..0.5
 
 
 @dataclass
@@ -77,8 +80,12 @@ class TrainConfig:
         "center (shorter side, centre crop) | squash (whole image, aspect not kept) | border (whole image, padded).",
     )
     interpolation: str | None = opt(None, "Resize filter: bilinear | bicubic | nearest | lanczos | box | hamming.")
-    mean: str | None = opt(None, "Normalisation mean, three comma-separated floats; default the timm model's.")
-    std: str | None = opt(None, "Normalisation std, three comma-separated floats > 0; default the timm model's.")
+    mean: list[float] | None = opt(
+        None, "Normalisation mean, three comma-separated floats in 0..1; default the timm model's."
+    )
+    std: list[float] | None = opt(
+        None, f"Normalisation std, three comma-separated floats, 0 < x <= {MAX_STD:g}; default the timm model's."
+    )
     # --- scale ---
     num_workers: int = opt(1, "Ray Train workers (one GPU each with --use-gpu).")
     use_gpu: bool = opt(False, "Give each worker a GPU.")
@@ -155,13 +162,7 @@ class TrainConfig:
             check(self, "crop_pct", self.crop_pct is None or 0 < self.crop_pct <= 1, "0 < x <= 1"),
             check(self, "crop_mode", self.crop_mode in (None, *CROP_MODES), " | ".join(CROP_MODES)),
             check(self, "interpolation", self.interpolation in (None, *INTERPOLATIONS), " | ".join(INTERPOLATIONS)),
-            check(
-                self,
-                "mean",
-                self.mean is None or float_triple(self.mean, 0.0) is not None,
-                "three comma-separated floats",
-            ),
-            check(self, "std", self.std is None or float_triple(self.std, 1e-12) is not None, "three floats > 0"),
+            *self._normalise_mean_std(),
             check(self, "num_workers", self.num_workers >= 1, ">= 1"),
             check(self, "cpus_per_worker", self.cpus_per_worker is None or self.cpus_per_worker > 0, "> 0"),
             check(self, "torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1"),
@@ -197,8 +198,7 @@ class TrainConfig:
             errors.append("data_root: required (the folder or URI holding labels.csv)")
         if self.register_model is not None and not self.mlflow_tracking_uri:
             errors.append(f"register_model={self.register_model!r}: needs mlflow_tracking_uri (the registry)")
-        if self.class_weights != "none" and (self.mixup or self.cutmix):
-            errors.append(f"class_weights={self.class_weights!r}: not with mixup/cutmix (their soft-target loss)")
+        errors += self._knob_problems()
         if self.multilabel and (self.mixup or self.cutmix):
             errors.append("mixup/cutmix: not supported with multilabel (they mix single-class targets)")
         errors += model_problems(self.model, self.model_kwargs)
@@ -206,13 +206,16 @@ class TrainConfig:
 
     def _resolve_augment(self) -> list[str | None]:
         """Fill the augmentation fields not given from the preset (the stored config.yaml shows every value)."""
+        self._crop_scale_given = False
         if self.augment is None:
             self.augment = "standard" if self.pretrained else "light"
         if self.augment not in AUGMENT_PRESETS:
             return [check(self, "augment", False, " | ".join(AUGMENT_PRESETS))]
         preset = AUGMENT_PRESETS[self.augment]
-        if self.multilabel:  # MixUp/CutMix mix single-class targets: a preset never asks for them here
-            preset = {**preset, "mixup": 0.0, "cutmix": 0.0}
+        if self.multilabel:  # MixUp/CutMix mix single-class targets, and BCE has no label smoothing
+            preset = {**preset, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}
+        # a crop scale given while the crop is off does nothing; the preset's own value is no choice of the user's
+        self._crop_scale_given = self.crop_scale_min not in (None, preset["crop_scale_min"])
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -225,7 +228,53 @@ class TrainConfig:
             check(self, "mixup", self.mixup >= 0, ">= 0"),
             check(self, "cutmix", self.cutmix >= 0, ">= 0"),
             check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= x < 1"),
+            check(self, "randaugment", self.randaugment is None or randaugment_ok(self.randaugment), RANDAUGMENT_SPEC),
         ]
+
+    def _normalise_mean_std(self) -> list[str | None]:
+        """mean/std as a list of three floats, however given (a YAML list, '0.5,0.5,0.5'), so that config.yaml
+        and a resume compare them as numbers."""
+        errors = []
+        for name, low, high, allowed in (
+            ("mean", 0.0, 1.0, "0 <= x <= 1"),
+            ("std", 0.0, MAX_STD, f"0 < x <= {MAX_STD:g}"),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            triple = float_triple(value)
+            if triple is None or not all(low <= v <= high for v in triple) or (name == "std" and 0.0 in triple):
+                errors.append(check(self, name, False, f"three comma-separated floats, {allowed}"))
+            else:
+                setattr(self, name, triple)
+        return errors
+
+    def _preset(self, name: str) -> Any:
+        return AUGMENT_PRESETS.get(self.augment or "", {}).get(name)
+
+    def _knob_problems(self) -> list[str]:
+        """Settings that contradict each other, or that would be accepted and do nothing."""
+        errors = []
+        if self.class_weights in ("", None) or (
+            self.class_weights.lower() in ("none", "auto") and self.class_weights not in ("none", "auto")
+        ):
+            errors.append(f"class_weights={self.class_weights!r}: allowed none | auto | a JSON file")
+        elif self.class_weights != "none" and (self.mixup or self.cutmix):
+            preset = f" (--augment {self.augment} sets them)" if self._preset("mixup") else ""
+            errors.append(
+                f"class_weights={self.class_weights!r}: not with mixup={self.mixup!r}/cutmix={self.cutmix!r}{preset}:"
+                " their soft targets have no class to weight; give --mixup 0 --cutmix 0, or --class-weights none"
+            )
+        if self.multilabel and self.label_smoothing:
+            errors.append(f"label_smoothing={self.label_smoothing!r}: not with multilabel (BCE has no smoothing)")
+        if self.clip_mode != "norm" and self.clip_grad is None:
+            errors.append(f"clip_mode={self.clip_mode!r}: needs clip_grad (the value to clip at)")
+        if self.early_stopping_min_delta and self.early_stopping_patience is None:
+            errors.append(f"early_stopping_min_delta={self.early_stopping_min_delta!r}: needs early_stopping_patience")
+        if self._crop_scale_given and not self.random_resized_crop:
+            off = "--no-random-resized-crop" if self._preset("random_resized_crop") else f"--augment {self.augment}"
+            errors.append(f"crop_scale_min={self.crop_scale_min!r}: needs random_resized_crop (it is off: {off})")
+        return errors
 
     @property
     def metric(self) -> str:
@@ -291,14 +340,28 @@ CROP_MODES = ("center", "squash", "border")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
-def float_triple(text: str, low: float) -> tuple[float, float, float] | None:
-    """'0.5,0.5,0.5' (or a YAML list, which arrives as '[0.5, 0.5, 0.5]') -> three finite floats >= low, else
-    None."""
-    try:
-        values = tuple(float(v) for v in text.strip("[]() ").split(","))
-    except ValueError:
+def float_triple(value: Any) -> list[float] | None:
+    """'0.5,0.5,0.5', '[0.5, 0.5, 0.5]' or a YAML list (whose 1e-12 YAML reads as a string) -> three finite
+    floats, else None. Booleans are no numbers."""
+    items = value.strip("[]() ").split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or len(items) != 3 or any(isinstance(v, bool) for v in items):
         return None
-    return values if len(values) == 3 and all(math.isfinite(v) and v >= low for v in values) else None  # type: ignore[return-value]
+    try:
+        floats = [float(v) for v in items]
+    except (TypeError, ValueError):
+        return None
+    return floats if all(math.isfinite(v) for v in floats) else None
+
+
+# timm's RandAugment sections (timm.data.auto_augment.rand_augment_transform); timm skips one it cannot parse
+# ('rand-xyz' runs as the default) and fails only on the workers, so the spec is checked here.
+RANDAUGMENT_SPEC = "rand-<sections>, each m<int> n<int> mmax<int> inc0|inc1 mstd<float> p<float> or t<transforms>"
+_RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax)\d+|inc[01]|(mstd|p)\d+(\.\d*)?|t\w+")
+
+
+def randaugment_ok(spec: str) -> bool:
+    sections = spec.split("-")
+    return sections[0] == "rand" and all(_RANDAUGMENT_SECTION.fullmatch(c) for c in sections[1:])
 
 
 CHECKPOINT_METRICS = ("top1", "top5", "macro_f1", "map", "micro_f1", "macro_f1_ml", "val_loss")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -71,17 +70,18 @@ def default_run_name() -> str:
 
 def check_resume(cfg: TrainConfig) -> str:
     """'new', 'resume' or 'complete'. A run name that exists with other settings or other data is refused,
-    showing the differences (num_epochs may grow, and where the model goes and how it is tracked may change)."""
+    showing the differences (num_epochs may grow, and where the model goes and how it is tracked may change).
+    cfg holds the preprocessing resolved from the model (store_preprocess)."""
     run = RunDir.of(cfg)
     if not run.exists():
         return "new"
-    changes = diff(run.read_config(), cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
+    changes = diff(stored_config(run, cfg), cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
     if changes:
         raise ConfigError(
             f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
             "--run-name, or the same settings to resume. Differences:\n  " + "\n  ".join(changes)
         )
-    run.check_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained))
+    run.check_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained, weights_file(cfg)))
     done = run.completed_epochs()
     if cfg.num_epochs < done:
         raise ConfigError(
@@ -89,13 +89,37 @@ def check_resume(cfg: TrainConfig) -> str:
             f"--num-epochs {done} (exports the finished run again) or more (trains on), or a new --run-name"
         )
     summary = run.read_summary()
-    if (
-        summary
-        and summary.get("completed")
-        and (summary.get("epochs") == cfg.num_epochs or summary.get("stopped_early"))
-    ):
-        return "complete"  # a run that stopped early is finished, whatever num_epochs says now
+    if summary and summary.get("completed") and summary.get("stopped_early"):
+        # a run that stopped early is finished, whatever num_epochs or the patience say now
+        old = run.read_config()
+        patience, min_delta = old.get("early_stopping_patience"), old.get("early_stopping_min_delta", 0.0)
+        if (patience, min_delta) != (cfg.early_stopping_patience, cfg.early_stopping_min_delta):
+            stopped = summary.get("final", {}).get("epoch", summary.get("epochs"))
+            print(
+                f"run {cfg.run_name} stopped early at epoch {stopped} (early_stopping_patience={patience}); "
+                "another patience does not train it on: use a new --run-name to train longer",
+                flush=True,
+            )
+        return "complete"
+    if summary and summary.get("completed") and summary.get("epochs") == cfg.num_epochs:
+        return "complete"
     return "resume"
+
+
+def stored_config(run: RunDir, cfg: TrainConfig) -> dict:
+    """config.yaml of the run as a new run would write it: runs from before store_preprocess have null for the
+    timm model's own preprocessing (what cfg holds now), and older ones the mean/std as a string."""
+    old = run.read_config()
+    for name in PREPROCESS_FIELDS:
+        if old.get(name) is None:
+            old[name] = getattr(cfg, name)
+        elif name in ("mean", "std"):
+            old[name] = float_triple(old[name]) or old[name]
+    return old
+
+
+def weights_file(cfg: TrainConfig) -> str | None:
+    return None if cfg.class_weights in ("none", "auto") else cfg.class_weights
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -135,24 +159,63 @@ def class_weights(cfg: TrainConfig, data: PreparedData) -> list[float] | None:
         n = len(data.train)
         weights = (n - counts) / np.maximum(counts, 1) if cfg.multilabel else n / (len(names) * np.maximum(counts, 1))
         return [round(float(w), 6) for w in weights]
-    source = cfg.class_weights
+    return read_class_weights(cfg.class_weights, names, cfg.multilabel)
+
+
+CLASS_WEIGHTS_MAX_BYTES = 1 << 20  # one weight per class (<= 1000 classes) fits in a few kB
+
+
+def read_class_weights(source: str, names: list[str], multilabel: bool) -> list[float]:
+    """A --class-weights file: checked whole (size, duplicate keys, each weight) before anything trains. A
+    multi-class weight must be > 0: a batch of zero-weight classes alone would divide by a zero weight sum (NaN);
+    a multi-label pos_weight of 0 only ignores the positives of its class, but not of every class."""
     try:
-        loaded = json.loads(storage.read_text(source))
-    except (OSError, FileNotFoundError) as e:
-        raise ConfigError(f"class_weights={source!r}: cannot read it ({e})") from None
+        data = storage.read_range(source, 0, CLASS_WEIGHTS_MAX_BYTES + 1)
+        if len(data) > CLASS_WEIGHTS_MAX_BYTES:
+            raise ConfigError(f"class_weights={source!r}: larger than {CLASS_WEIGHTS_MAX_BYTES} bytes (1 MiB)")
+        loaded = json.loads(storage.decode_text(data, source), object_pairs_hook=_refuse_duplicate_keys)
+    except OSError as e:
+        raise ConfigError(
+            f"class_weights={source!r}: cannot read it ({e}); allowed none | auto | a JSON file"
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"class_weights={source!r}: not JSON ({e})") from None
+    except (ValueError, TypeError) as e:  # a duplicate key, a text encoding error
+        raise ConfigError(f"class_weights={source!r}: {e}") from None
     if isinstance(loaded, dict):
         unknown = [k for k in loaded if k not in names]
         if unknown:
             raise ConfigError(f"{source}: unknown class name(s) {', '.join(map(repr, unknown[:5]))}")
         loaded = [loaded.get(name, 1.0) for name in names]
     if not isinstance(loaded, list) or len(loaded) != len(names):
-        raise ConfigError(f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map")
+        found = f"a list of {len(loaded)}" if isinstance(loaded, list) else f"a JSON {type(loaded).__name__}"
+        raise ConfigError(
+            f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map; found {found}"
+        )
+    low = "0 <= x" if multilabel else "0 < x"
     for i, w in enumerate(loaded):
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < math.inf:
-            raise ConfigError(f"{source}: weight {i} ({names[i]!r}) is {w!r}; expected a number >= 0")
+        number = isinstance(w, int | float) and not isinstance(w, bool)
+        if not number or not (w >= 0 if multilabel else w > 0) or not w <= MAX_CLASS_WEIGHT:
+            raise ConfigError(
+                f"{source}: weight {i} ({printable(names[i])!r}) is {w!r}; allowed a number, "
+                f"{low} <= {MAX_CLASS_WEIGHT:g}"
+            )
+    if not any(loaded):
+        raise ConfigError(f"{source}: every weight is 0 (nothing would be learned); allowed at least one > 0")
     return [float(w) for w in loaded]
+
+
+# The loss sums weight x loss over a batch in float32: 1e308 is inf there, and even 3e38 overflows the sum.
+MAX_CLASS_WEIGHT = 1e6
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"class {printable(key)!r} is given twice")
+        seen[key] = value
+    return seen
 
 
 def worker_cpus(cfg: TrainConfig) -> float:
@@ -214,11 +277,21 @@ def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessC
 
 def preprocess_of(cfg: TrainConfig, model_default: PreprocessConfig) -> PreprocessConfig:
     """The timm model's preprocessing with the --crop-pct/--crop-mode/--interpolation/--mean/--std given."""
-    given = {k: getattr(cfg, k) for k in ("crop_pct", "crop_mode", "interpolation") if getattr(cfg, k) is not None}
+    given = {k: getattr(cfg, k) for k in PREPROCESS_FIELDS if getattr(cfg, k) is not None}
     for name in ("mean", "std"):
-        if getattr(cfg, name) is not None:
-            given[name] = float_triple(getattr(cfg, name), -math.inf)
+        if name in given:
+            given[name] = tuple(given[name])
     return dataclasses.replace(model_default, **given)
+
+
+PREPROCESS_FIELDS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def store_preprocess(cfg: TrainConfig, pre: PreprocessConfig) -> None:
+    """Write the preprocessing resolved from the timm model into cfg, so config.yaml shows what the run used."""
+    for name in PREPROCESS_FIELDS:
+        value = getattr(pre, name)
+        setattr(cfg, name, list(value) if isinstance(value, tuple) else value)
 
 
 def augment_of(cfg: TrainConfig) -> Augment:
@@ -396,7 +469,6 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
         print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
-    state = check_resume(cfg)
     data = prepare_data(cfg)
     weights = class_weights(cfg, data)  # a bad file fails here, before Ray starts
     if weights is not None:
@@ -405,6 +477,8 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     if cfg.early_stopping_patience and not len(data.validation):
         raise ConfigError("early_stopping_patience: needs rows with subset 'validation' (it watches their metric)")
     model_kwargs, pre = resolve_model(cfg, data.classes.num_classes)
+    store_preprocess(cfg, pre)  # config.yaml shows the preprocessing the run uses, not null for "the model's"
+    state = check_resume(cfg)
     if state == "complete":
         return reexport(cfg, data, model_kwargs, pre)
     if cfg.mlflow_tracking_uri:  # seconds now, rather than an exception after the first epoch
@@ -417,7 +491,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
     run_dir = RunDir.of(cfg)
     if state == "new":
         run_dir.write_config(cfg)
-        run_dir.write_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained))
+        run_dir.write_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained, weights_file(cfg)))
     if cfg.skip_bad_rows:
         record_skipped(cfg, data)
     if state == "resume":
@@ -490,7 +564,8 @@ def finish(
     summary = {
         "run_name": cfg.run_name,
         "completed": True,
-        "epochs": cfg.num_epochs,
+        "epochs": epochs[-1]["epoch"] if epochs else 0,  # the epochs run: fewer than num_epochs if stopped early
+        "num_epochs": cfg.num_epochs,
         "stopped_early": bool(epochs) and epochs[-1]["epoch"] < cfg.num_epochs,  # early stopping (else a crash)
         "steps": epochs[-1]["step"] if epochs else 0,
         "metric": cfg.metric,
