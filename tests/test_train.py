@@ -820,3 +820,65 @@ def test_torch_compile_trains_and_exports_a_model_that_predicts_as_the_compiled_
     (epoch,) = [x for x in lines if x["type"] == "epoch"]
     assert loss == pytest.approx(epoch["val_loss"], rel=1e-4)
     assert float((probs.argmax(1) == labels).mean()) == epoch["top1"]
+
+
+def test_class_weights_files_are_checked_whole_before_ray(tmp_path):
+    """Review 14: weights that would train on NaN (all zero, inf in float32), a zero multi-class weight, a
+    duplicate class, a huge file and a list of the wrong length are refused, naming the file."""
+    from rayimgcls.train.driver import CLASS_WEIGHTS_MAX_BYTES, class_weights
+
+    root = imbalanced_root(tmp_path / "data")
+    w = tmp_path / "w.json"
+    cfg = TrainConfig(data_root=str(root), class_weights=str(w))
+    data = prepare_data(cfg)
+    for text, message in [
+        ("[0, 0]", r"weight 0 \('common'\) is 0; allowed a number, 0 < x <= 1e\+06"),
+        ("[0, 1]", r"weight 0 \('common'\) is 0"),
+        ("[1e308, 1]", r"weight 0 \('common'\) is 1e\+308"),
+        ("[true, 1]", r"weight 0 \('common'\) is True"),
+        ('{"rare": 2, "rare": 3}', r"class 'rare' is given twice"),
+        ("[1, 2, 3]", r"expected a list of 2 weights .*; found a list of 3"),
+        ('"1,2"', r"expected a list of 2 weights .*; found a JSON str"),
+    ]:
+        w.write_text(text)
+        with pytest.raises(ConfigError, match=r"w\.json.*" + message):
+            class_weights(cfg, data)
+    ml = TrainConfig(data_root=str(root), multilabel=True, class_weights=str(w))
+    w.write_text("[0, 2]")  # a pos_weight of 0 ignores that class's positives: allowed, but not for every class
+    assert class_weights(ml, prepare_data(ml)) == [0.0, 2.0]
+    w.write_text("[0, 0.0]")
+    with pytest.raises(ConfigError, match=r"w\.json: every weight is 0"):
+        class_weights(ml, prepare_data(ml))
+    with open(w, "wb") as f:  # sparse: read whole it would take 500 MB
+        f.truncate(500 << 20)
+    with pytest.raises(ConfigError, match=rf"w\.json.*larger than {CLASS_WEIGHTS_MAX_BYTES} bytes"):
+        class_weights(cfg, data)
+
+
+def test_resume_checks_the_class_weights_file_and_accepts_an_old_config_yaml(small_root, tmp_path):
+    """Review 14: an edited class-weights file is other training (config.yaml holds only its path); a run from
+    before the newer keys (model_ema, resolved preprocessing, mean as text) resumes; config.yaml shows the
+    preprocessing resolved from the timm model."""
+    import yaml
+
+    from rayimgcls.rundir import RunDir, data_fingerprint
+    from rayimgcls.train.driver import check_resume, store_preprocess, weights_file
+
+    (tmp_path / "w.json").write_text("[1, 1, 1, 2]")
+    cfg = tiny_config(small_root, tmp_path, "r", class_weights=str(tmp_path / "w.json"), mixup=0, cutmix=0)
+    _, pre = resolve_model(cfg, 4)
+    store_preprocess(cfg, pre)
+    run_dir = RunDir.of(cfg)
+    run_dir.write_config(cfg)
+    run_dir.write_fingerprint(data_fingerprint(cfg.data_root, cfg.pretrained, weights_file(cfg)))
+    stored = run_dir.read_config()
+    assert (stored["crop_pct"], stored["crop_mode"], stored["mean"]) == (pre.crop_pct, pre.crop_mode, list(pre.mean))
+    assert check_resume(cfg) == "resume"
+    (tmp_path / "w.json").write_text("[1, 1, 1, 20]")
+    with pytest.raises(ConfigError, match=r"other data.*\n  class_weights: "):
+        check_resume(cfg)
+    (tmp_path / "w.json").write_text("[1, 1, 1, 2]")
+    old = {k: v for k, v in stored.items() if not k.startswith("model_ema")}
+    old.update(crop_pct=None, crop_mode=None, interpolation=None, mean=str(list(pre.mean)), std=None)
+    Path(run_dir.file("config.yaml")).write_text(yaml.safe_dump(old, sort_keys=False))
+    assert check_resume(cfg) == "resume"
