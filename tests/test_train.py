@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import TINY_VIT
 
 from rayimgcls.card import ModelError, read_card
@@ -603,10 +604,21 @@ def test_early_stopping_ends_every_worker_and_the_run_counts_as_complete(ray_ses
     )
     summary = run(cfg)
     assert summary["completed"] and summary["stopped_early"] and summary["final"]["epoch"] == 2
+    assert (summary["epochs"], summary["num_epochs"]) == (2, 4)  # the epochs run, of those asked for
     assert [x["epoch"] for x in metrics_lines(cfg) if x["type"] == "early_stop"] == [2]
     assert read_card(summary["model_dir"]).training["exported_epoch"] == summary["best_epoch"]
-    again = run(TrainConfig(**{**cfg.__dict__, "num_epochs": 6}))
-    assert "is complete" in capsys.readouterr().out and again["final"]["epoch"] == 2
+    stored = yaml.safe_load((run_dir(cfg) / "config.yaml").read_text())  # the preprocessing used, not null
+    pre = read_card(summary["model_dir"]).preprocess
+    assert (stored["crop_pct"], stored["interpolation"], stored["std"]) == (
+        pre.crop_pct,
+        pre.interpolation,
+        list(pre.std),
+    )
+    capsys.readouterr()
+    again = run(TrainConfig(**{**cfg.__dict__, "num_epochs": 6, "early_stopping_patience": 3}))
+    out = capsys.readouterr().out
+    assert "is complete" in out and again["final"]["epoch"] == 2
+    assert "stopped early at epoch 2 (early_stopping_patience=1); another patience does not train it on" in out
 
 
 def imbalanced_root(path: Path) -> Path:

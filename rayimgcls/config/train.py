@@ -206,7 +206,6 @@ class TrainConfig:
 
     def _resolve_augment(self) -> list[str | None]:
         """Fill the augmentation fields not given from the preset (the stored config.yaml shows every value)."""
-        self._crop_scale_given = False
         if self.augment is None:
             self.augment = "standard" if self.pretrained else "light"
         if self.augment not in AUGMENT_PRESETS:
@@ -215,7 +214,7 @@ class TrainConfig:
         if self.multilabel:  # MixUp/CutMix mix single-class targets, and BCE has no label smoothing
             preset = {**preset, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}
         # a crop scale given while the crop is off does nothing; the preset's own value is no choice of the user's
-        self._crop_scale_given = self.crop_scale_min not in (None, preset["crop_scale_min"])
+        scale_given = self.crop_scale_min not in (None, preset["crop_scale_min"])
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -229,7 +228,12 @@ class TrainConfig:
             check(self, "cutmix", self.cutmix >= 0, ">= 0"),
             check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "0 <= x < 1"),
             check(self, "randaugment", self.randaugment is None or randaugment_ok(self.randaugment), RANDAUGMENT_SPEC),
+            self._crop_scale_unused() if scale_given and not self.random_resized_crop else None,
         ]
+
+    def _crop_scale_unused(self) -> str:
+        off = "--no-random-resized-crop" if self._preset("random_resized_crop") else f"--augment {self.augment}"
+        return f"crop_scale_min={self.crop_scale_min!r}: needs random_resized_crop (it is off: {off})"
 
     def _normalise_mean_std(self) -> list[str | None]:
         """mean/std as a list of three floats, however given (a YAML list, '0.5,0.5,0.5'), so that config.yaml
@@ -271,9 +275,6 @@ class TrainConfig:
             errors.append(f"clip_mode={self.clip_mode!r}: needs clip_grad (the value to clip at)")
         if self.early_stopping_min_delta and self.early_stopping_patience is None:
             errors.append(f"early_stopping_min_delta={self.early_stopping_min_delta!r}: needs early_stopping_patience")
-        if self._crop_scale_given and not self.random_resized_crop:
-            off = "--no-random-resized-crop" if self._preset("random_resized_crop") else f"--augment {self.augment}"
-            errors.append(f"crop_scale_min={self.crop_scale_min!r}: needs random_resized_crop (it is off: {off})")
         return errors
 
     @property
