@@ -844,9 +844,10 @@ def test_class_weights_files_are_checked_whole_before_ray(tmp_path):
     cfg = TrainConfig(data_root=str(root), class_weights=str(w))
     data = prepare_data(cfg)
     for text, message in [
-        ("[0, 0]", r"weight 0 \('common'\) is 0; allowed a number, 0 < x <= 1e\+06"),
+        ("[0, 0]", r"weight 0 \('common'\) is 0; allowed a number, 1e-06 <= x <= 1e\+06$"),
         ("[0, 1]", r"weight 0 \('common'\) is 0"),
         ("[1e308, 1]", r"weight 0 \('common'\) is 1e\+308"),
+        ("[1e-320, 1]", r"weight 0 \('common'\) is 1e-320"),  # 0 in float32
         ("[true, 1]", r"weight 0 \('common'\) is True"),
         ('{"rare": 2, "rare": 3}', r"class 'rare' is given twice"),
         ("[1, 2, 3]", r"expected a list of 2 weights .*; found a list of 3"),
@@ -863,7 +864,9 @@ def test_class_weights_files_are_checked_whole_before_ray(tmp_path):
         class_weights(ml, prepare_data(ml))
     with open(w, "wb") as f:  # sparse: read whole it would take 500 MB
         f.truncate(500 << 20)
-    with pytest.raises(ConfigError, match=rf"w\.json.*larger than {CLASS_WEIGHTS_MAX_BYTES} bytes"):
+    with pytest.raises(
+        ConfigError, match=rf"^class_weights='[^']*w\.json': larger than {CLASS_WEIGHTS_MAX_BYTES} bytes"
+    ):
         class_weights(cfg, data)
 
 

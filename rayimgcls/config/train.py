@@ -155,7 +155,7 @@ class TrainConfig:
             check(self, "precision", self.precision in PRECISIONS, " | ".join(PRECISIONS)),
             *self._resolve_augment(),
             check(self, "grad_accum_steps", self.grad_accum_steps >= 1, ">= 1"),
-            check(self, "clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0"),
+            check(self, "clip_grad", self.clip_grad is None or 0 < self.clip_grad < math.inf, "> 0, finite"),
             check(self, "layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "0 < x <= 1"),
             check(self, "clip_mode", self.clip_mode in CLIP_MODES, " | ".join(CLIP_MODES)),
             check(self, "model_ema_decay", 0 < self.model_ema_decay < 1, "0 < x < 1"),
@@ -179,7 +179,7 @@ class TrainConfig:
                 self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                 ">= 1",
             ),
-            check(self, "early_stopping_min_delta", self.early_stopping_min_delta >= 0, ">= 0"),
+            check(self, "early_stopping_min_delta", 0 <= self.early_stopping_min_delta < math.inf, ">= 0, finite"),
             check(self, "max_failures", self.max_failures >= -1, ">= 0, or -1 for unlimited"),
             check(
                 self,
@@ -271,7 +271,7 @@ class TrainConfig:
             )
         if self.multilabel and self.label_smoothing:
             errors.append(f"label_smoothing={self.label_smoothing!r}: not with multilabel (BCE has no smoothing)")
-        if self.clip_mode != "norm" and self.clip_grad is None:
+        if self.clip_mode == "value" and self.clip_grad is None:
             errors.append(f"clip_mode={self.clip_mode!r}: needs clip_grad (the value to clip at)")
         if self.early_stopping_min_delta and self.early_stopping_patience is None:
             errors.append(f"early_stopping_min_delta={self.early_stopping_min_delta!r}: needs early_stopping_patience")

@@ -171,13 +171,14 @@ def read_class_weights(source: str, names: list[str], multilabel: bool) -> list[
     a multi-label pos_weight of 0 only ignores the positives of its class, but not of every class."""
     try:
         data = storage.read_range(source, 0, CLASS_WEIGHTS_MAX_BYTES + 1)
-        if len(data) > CLASS_WEIGHTS_MAX_BYTES:
-            raise ConfigError(f"class_weights={source!r}: larger than {CLASS_WEIGHTS_MAX_BYTES} bytes (1 MiB)")
-        loaded = json.loads(storage.decode_text(data, source), object_pairs_hook=_refuse_duplicate_keys)
     except OSError as e:
         raise ConfigError(
             f"class_weights={source!r}: cannot read it ({e}); allowed none | auto | a JSON file"
         ) from None
+    if len(data) > CLASS_WEIGHTS_MAX_BYTES:
+        raise ConfigError(f"class_weights={source!r}: larger than {CLASS_WEIGHTS_MAX_BYTES} bytes (1 MiB)")
+    try:
+        loaded = json.loads(storage.decode_text(data, source), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"class_weights={source!r}: not JSON ({e})") from None
     except (ValueError, TypeError) as e:  # a duplicate key, a text encoding error
@@ -192,21 +193,18 @@ def read_class_weights(source: str, names: list[str], multilabel: bool) -> list[
         raise ConfigError(
             f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map; found {found}"
         )
-    low = "0 <= x" if multilabel else "0 < x"
+    allowed = f"{MIN_CLASS_WEIGHT:g} <= x <= {MAX_CLASS_WEIGHT:g}" + (", or 0" if multilabel else "")
     for i, w in enumerate(loaded):
         number = isinstance(w, int | float) and not isinstance(w, bool)
-        if not number or not (w >= 0 if multilabel else w > 0) or not w <= MAX_CLASS_WEIGHT:
-            raise ConfigError(
-                f"{source}: weight {i} ({printable(names[i])!r}) is {w!r}; allowed a number, "
-                f"{low} <= {MAX_CLASS_WEIGHT:g}"
-            )
+        if not number or not (MIN_CLASS_WEIGHT <= w <= MAX_CLASS_WEIGHT or (multilabel and w == 0)):
+            raise ConfigError(f"{source}: weight {i} ({printable(names[i])!r}) is {w!r}; allowed a number, {allowed}")
     if not any(loaded):
         raise ConfigError(f"{source}: every weight is 0 (nothing would be learned); allowed at least one > 0")
     return [float(w) for w in loaded]
 
 
-# The loss sums weight x loss over a batch in float32: 1e308 is inf there, and even 3e38 overflows the sum.
-MAX_CLASS_WEIGHT = 1e6
+# The loss sums weight x loss over a batch in float32: 1e308 is inf there, 3e38 overflows the sum, 1e-320 is 0.
+MIN_CLASS_WEIGHT, MAX_CLASS_WEIGHT = 1e-6, 1e6
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
