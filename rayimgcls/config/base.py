@@ -79,7 +79,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
                 return bool(value)
             raise ValueError
-        if isinstance(value, bool) and tp is not str:
+        if isinstance(value, bool):
             raise ValueError
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
@@ -94,7 +94,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             return value
         if typing.get_origin(tp) is list:  # a YAML list, or the flag's '0.5,0.5,0.5' (its dataclass checks it)
             return value if isinstance(value, list | str) else [value]
-        if isinstance(value, list | dict | bool):
+        if isinstance(value, list | dict):
             raise ValueError
         return str(value)
     except (ValueError, TypeError, json.JSONDecodeError):
