@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -101,6 +101,8 @@ def _preprocess(d: dict) -> PreprocessConfig:
         for k in ("interpolation", "crop_mode")
         if k in d and not isinstance(d[k], str)
     ]
+    known = [f.name for f in fields(PreprocessConfig)]
+    problems += [f"preprocess.{k}: unknown field (known: {', '.join(known)})" for k in d if k not in known]
     if problems:
         raise ModelError("; ".join(problems))
     pre = PreprocessConfig.from_dict(d)

@@ -41,6 +41,7 @@ from rayimgcls.card import ModelError, read_card
         (lambda c: c["preprocess"].update(std=[0.5, float("nan"), 0.5]), r"preprocess.std=.*in \[1e-12, 1\]"),
         (lambda c: c["preprocess"].update(std=[0.5, 1e308, 0.5]), r"preprocess.std="),
         (lambda c: c["preprocess"].update(std=[0.5, 0, 0.5]), "preprocess.std="),
+        (lambda c: c["preprocess"].update(foo=1), r"preprocess.foo: unknown field \(known: input_size, "),
         (lambda c: c["preprocess"].update(input_size="224"), 'input_size="224": expected an integer'),
         (lambda c: c["preprocess"].update(max_pixels=-1), "max_pixels=-1"),
         (lambda c: c.update(thresholds=[0.5, 2.0]), "thresholds: expected numbers in"),
