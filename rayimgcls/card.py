@@ -9,15 +9,14 @@ shapes. No torch here: evaluation, result files and Serve's protocol code read c
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from rayimgcls import storage
 from rayimgcls.config import PRECISIONS, model_problems
-from rayimgcls.images import PreprocessConfig, eval_transform
+from rayimgcls.images import CROP_PCT_RANGE, MEAN_RANGE, STD_RANGE, PreprocessConfig, eval_transform
 
 SCHEMA_VERSION = 1
 
@@ -81,25 +80,29 @@ class ModelCard:
 
 
 def _preprocess(d: dict) -> PreprocessConfig:
-    """PreprocessConfig from config.json, refusing values the transform cannot take (its own check)."""
-    mean, std = d.get("mean"), d.get("std")
+    """PreprocessConfig from config.json, refusing values the transform cannot take (its own check): the ranges
+    of images.MEAN_RANGE, STD_RANGE and CROP_PCT_RANGE (a huge mean overflowed the border fill, a tiny crop_pct
+    made the resize unbounded), a known interpolation and crop mode."""
     problems = [
-        f"preprocess.{k}={_short(v)}: expected three finite numbers" + (" > 0" if k == "std" else "")
-        for k, v in (("mean", mean), ("std", std))
-        if not (
-            isinstance(v, list)
-            and len(v) == 3
-            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-            and (k == "mean" or min(v) > 0)
-        )
+        f"preprocess.{k}={_short(d.get(k))}: expected three numbers in [{low:g}, {high:g}]"
+        for k, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE))
+        if not _triple_in(d.get(k), low, high)
     ]
     size, crop, pixels = d.get("input_size"), d.get("crop_pct"), d.get("max_pixels", 1)
     if not (_integer(size) and 1 <= size <= 4096):
         problems.append(f"preprocess.input_size={_short(size)}: expected an integer 1..4096")
-    if not (isinstance(crop, int | float) and not isinstance(crop, bool) and 0 < crop <= 1):
-        problems.append(f"preprocess.crop_pct={_short(crop)}: allowed 0 < x <= 1")
+    low, high = CROP_PCT_RANGE
+    if not (isinstance(crop, int | float) and not isinstance(crop, bool) and low <= crop <= high):
+        problems.append(f"preprocess.crop_pct={_short(crop)}: allowed {low:g} <= x <= {high:g}")
     if not (_integer(pixels) and pixels >= 1):
         problems.append(f"preprocess.max_pixels={_short(pixels)}: expected an integer >= 1")
+    problems += [
+        f"preprocess.{k}={_short(d.get(k))}: expected a string"
+        for k in ("interpolation", "crop_mode")
+        if k in d and not isinstance(d[k], str)
+    ]
+    known = [f.name for f in fields(PreprocessConfig)]
+    problems += [f"preprocess.{k}: unknown field (known: {', '.join(known)})" for k in d if k not in known]
     if problems:
         raise ModelError("; ".join(problems))
     pre = PreprocessConfig.from_dict(d)
@@ -108,6 +111,15 @@ def _preprocess(d: dict) -> PreprocessConfig:
     except ValueError as e:
         raise ModelError(f"preprocess: {e}") from None
     return pre
+
+
+def _triple_in(value: object, low: float, high: float) -> bool:
+    """Three real numbers (not booleans) in [low, high] (NaN is in no range)."""
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and low <= x <= high for x in value)
+    )
 
 
 def _integer(value: object) -> bool:

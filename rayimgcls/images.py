@@ -155,6 +155,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ImageError(f"cannot convert PIL mode {img.mode} to RGB: {e}", "undecodable") from None
 
 
+# What a model directory's config.json may hold (card.py checks it; TrainConfig should accept no more). timm's
+# pretrained configs span mean 0..0.5, std 0.143..1 and crop_pct 0.875..1 (volo_*_448: 1.15, outside our
+# 0 < x <= 1). Beyond these ranges a mean overflowed the border fill (round(255 * 1e308)), and crop_pct sets the
+# eval resize to size / crop_pct: below 1/4 that is over 16 crops' worth of pixels for no model's benefit.
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (1e-12, 1.0)
+CROP_PCT_RANGE = (0.25, 1.0)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How a model wants its input; stored in the model directory's config.json."""
@@ -210,7 +219,7 @@ _INTERPOLATION = {
 
 
 def _interpolation(name: str) -> int:
-    if name not in _INTERPOLATION:
+    if not isinstance(name, str) or name not in _INTERPOLATION:  # a list is unhashable: name it, not TypeError
         raise ValueError(f"interpolation {name!r}: allowed {', '.join(_INTERPOLATION)}")
     return _INTERPOLATION[name]
 
@@ -224,8 +233,14 @@ def center_crop_box(width: int, height: int, resized: tuple[int, int], size: int
     the source's coordinates: (left, top, right, bottom)."""
     new_w, new_h = resized
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return source_box(width, height, resized, (left, top, left + size, top + size))
+
+
+def source_box(width: int, height: int, resized: tuple[int, int], box: tuple[int, ...]) -> tuple[float, ...]:
+    """A (left, top, right, bottom) box of the (width, height) image resized to `resized`, in the source's
+    coordinates: what PIL's `resize(box=...)` takes to compute only that region."""
+    sx, sy = width / resized[0], height / resized[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def resized_shorter(width: int, height: int, size: int) -> tuple[int, int]:
@@ -262,6 +277,21 @@ def fitted(width: int, height: int, side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def fit_and_pad(img: Image.Image, side: int, size: int, resample: int, fill: tuple[int, int, int]) -> Image.Image:
+    """`border`'s geometry: the longer side fitted to `side`, then centred on a `size` x `size` canvas of `fill`
+    (a side longer than `size` centre-cropped), with memory bounded by the canvas, as resize_and_crop: beyond
+    FULL_RESIZE_AREA canvases (side = size / crop_pct, so a small crop_pct) only the part the canvas keeps is
+    resized, from the same source region (equal up to float rounding)."""
+    resized = fitted(*img.size, side)
+    if resized[0] * resized[1] <= FULL_RESIZE_AREA * size * size:
+        return pad_to_square(img.resize(resized, resample), size, fill)
+    # pad_to_square pastes at (size - w) // 2: a negative offset crops -offset pixels from the left (top)
+    left, top = (max(0, -((size - n) // 2)) for n in resized)
+    kept = min(resized[0], size), min(resized[1], size)
+    box = source_box(*img.size, resized, (left, top, left + kept[0], top + kept[1]))
+    return pad_to_square(img.resize(kept, resample, box=box), size, fill)
+
+
 def pad_to_square(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
     """Centre `img` on a `size` x `size` canvas of `fill` (a side longer than `size` is centre-cropped)."""
     canvas = Image.new("RGB", (size, size), fill)
@@ -270,8 +300,9 @@ def pad_to_square(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Im
 
 
 def mean_fill(pre: PreprocessConfig) -> tuple[int, int, int]:
-    """The padding colour of `border`: the normalisation mean, which normalises to zero (as timm pads)."""
-    return tuple(round(255 * m) for m in pre.mean)  # type: ignore[return-value]
+    """The padding colour of `border`: the normalisation mean, which normalises to zero (as timm pads). Clamped to
+    0..255 (NaN: 0), so no mean can overflow it (round(255 * 1e308) raised OverflowError inside Ray)."""
+    return tuple(0 if math.isnan(m) else round(255 * min(max(m, 0.0), 1.0)) for m in pre.mean)  # type: ignore[return-value]
 
 
 def eval_transform(pre: PreprocessConfig) -> Transform:
@@ -279,7 +310,8 @@ def eval_transform(pre: PreprocessConfig) -> Transform:
     without the normalisation, in plain PIL so decode tasks need not import torch. `center` resizes the
     shorter side to `resize_side`; `squash` resizes both sides to it (the aspect ratio is not kept); `border`
     fits the longer side to it and pads the shorter with the mean colour (timm's ResizeKeepRatio +
-    CenterCropOrPad). Each computes at most a few crops' worth of pixels, whatever the image's shape."""
+    CenterCropOrPad). Each computes at most a few crops' worth of pixels, whatever the image's shape and
+    crop_pct."""
     resample, side, size = _interpolation(pre.interpolation), pre.resize_side, pre.input_size
     if pre.crop_mode == "center":
         return lambda img: to_chw(resize_and_crop(img, resized_shorter(*img.size, side), size, resample))
@@ -287,7 +319,7 @@ def eval_transform(pre: PreprocessConfig) -> Transform:
         return lambda img: to_chw(resize_and_crop(img, (side, side), size, resample))
     if pre.crop_mode == "border":
         fill = mean_fill(pre)
-        return lambda img: to_chw(pad_to_square(img.resize(fitted(*img.size, side), resample), size, fill))
+        return lambda img: to_chw(fit_and_pad(img, side, size, resample, fill))
     raise ValueError(f"crop_mode {pre.crop_mode!r}: supported are center, squash and border")
 
 

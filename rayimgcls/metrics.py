@@ -2,7 +2,8 @@
 
 Used by training's validation and by `rayimgcls evaluate`, so the two report the same numbers. Top-5 is only
 reported with more than 5 classes (timm clamps k, making it a meaningless 100%); multi-label mAP averages
-over the classes that have at least one positive and says how many were left out.
+over the classes that have at least one positive and says how many were left out. A row with a NaN score (a
+diverged model) has no ranking: it counts as a miss, never as a hit.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ import numpy as np
 def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
     """Fraction of rows whose target is among the k highest scores (ties ranked by class index, as a stable
     sort would). The target's rank is counted, not sorted for: one pass over (rows, classes), where a full sort
-    of 100,000 x 1,000 scores took seconds."""
+    of 100,000 x 1,000 scores took seconds. A row with a NaN score is a miss (NaN compares false with
+    everything, so counting would rank its target first)."""
     if len(targets) == 0:
         return float("nan")
     target = probs[np.arange(len(targets)), targets][:, None]
     ahead = (probs > target).sum(axis=1)
     tied_before = ((probs == target) & (np.arange(probs.shape[1])[None, :] < targets[:, None])).sum(axis=1)
-    return float((ahead + tied_before < k).mean())
+    return float(((ahead + tied_before < k) & scored(probs)).mean())
+
+
+def scored(probs: np.ndarray) -> np.ndarray:
+    """Per row: whether every score is a number (not NaN), i.e. the row can be ranked at all."""
+    return ~np.isnan(probs).any(axis=1)
 
 
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -43,12 +50,15 @@ def per_class_prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict[str, n
 
 
 def multiclass_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """Top-1, top-5 (with more than 5 classes), macro P/R/F1 and the confusion matrix."""
+    """Top-1, top-5 (with more than 5 classes), macro P/R/F1 and the confusion matrix. A row with a NaN score
+    predicts no class (argmax would pick the NaN): it is a false negative of its class and stays out of the
+    confusion matrix."""
     num_classes = probs.shape[1]
-    preds = probs.argmax(axis=1)
-    cm = confusion_matrix(targets, preds, num_classes)
+    ok = scored(probs)
+    cm = confusion_matrix(targets[ok], probs[ok].argmax(axis=1), num_classes)
     tp = np.diag(cm)
-    prf = per_class_prf(tp, cm.sum(axis=0) - tp, cm.sum(axis=1) - tp)
+    support = np.bincount(targets.astype(np.int64), minlength=num_classes)
+    prf = per_class_prf(tp, cm.sum(axis=0) - tp, support - tp)
     present = prf["support"] > 0  # macro averages over the classes present in the targets
     out = {
         "top1": topk_accuracy(probs, targets, 1),
@@ -65,15 +75,17 @@ def multiclass_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the precision-recall curve as the mean precision at each positive (ties broken by
-    order, as scikit-learn's average_precision_score); NaN without positives."""
+    order, as scikit-learn's average_precision_score); NaN without positives. NaN scores rank last, tied."""
     n_pos = int(positives.sum())
     if n_pos == 0:
         return float("nan")
+    scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.argsort(-scores, kind="stable")
     hits = positives[order].astype(np.float64)
-    # Precision at each distinct threshold, so tied scores count together.
+    # Precision at each distinct threshold, so tied scores count together (compared, not subtracted: -inf - -inf
+    # is NaN).
     sorted_scores = scores[order]
-    distinct = np.r_[np.diff(sorted_scores) != 0, True]
+    distinct = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
     cum_hits = np.cumsum(hits)[distinct]
     ranks = (np.arange(len(scores)) + 1)[distinct]
     precision = cum_hits / ranks

@@ -243,3 +243,55 @@ def test_any_failure_inside_the_decoder_is_an_image_error():
                 flipped[rng.randrange(min(len(data), 200))] = rng.choice([0, 0x7F, 0x80, 0xFF, rng.randrange(256)])
             with contextlib.suppress(ImageError):  # pixels or an ImageError; anything else fails the test
                 preprocess(bytes(flipped), PreprocessConfig(input_size=16))
+
+
+def test_border_with_a_small_crop_pct_resizes_only_what_the_canvas_keeps():
+    """Past FULL_RESIZE_AREA canvases `border` resizes only the kept part: the same picture as the full fit
+    followed by the pad/crop, within a grey level on average (ordinary settings take the full resize)."""
+    from rayimgcls.images import FULL_RESIZE_AREA, fitted, mean_fill, pad_to_square
+
+    for shape, crop_pct in (((200, 300), 0.1), ((300, 40), 0.03), ((37, 53), 0.02)):
+        img = Image.fromarray(RNG.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        pre = PreprocessConfig(input_size=32, crop_pct=crop_pct, crop_mode="border")
+        assert np.prod(fitted(*img.size, pre.resize_side)) > FULL_RESIZE_AREA * 32 * 32  # the bounded path
+        full = pad_to_square(img.resize(fitted(*img.size, pre.resize_side), Image.BICUBIC), 32, mean_fill(pre))
+        got = eval_transform(pre)(img).astype(int)
+        assert np.abs(got - np.asarray(full).transpose(2, 0, 1)).mean() < 1.0, (shape, crop_pct)
+
+
+def test_mean_fill_never_overflows():
+    """A mean of 1e308 (a hand-edited config.json, before card.py bounded it) raised OverflowError in
+    round(255 * m), blamed on the image being transformed; the fill is clamped to 0..255."""
+    from rayimgcls.images import mean_fill
+
+    assert mean_fill(PreprocessConfig(mean=(1e308, -1.0, float("nan")))) == (255, 0, 0)
+    assert mean_fill(PreprocessConfig(mean=(0.485, 0.456, 0.406))) == (124, 116, 104)
+    border = PreprocessConfig(input_size=16, crop_mode="border", mean=(1e308, 0.0, 0.0))
+    assert tuple(eval_transform(border)(Image.new("RGB", (32, 16)))[:, 0, 8]) == (255, 0, 0)
+
+
+SMALL_CROP_PCT = """
+import resource, random
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # the full fit of crop_pct 1e-4 is ~5e12 pixels
+from PIL import Image
+from rayimgcls.images import Augment, PreprocessConfig, eval_transform, train_transform
+pre = PreprocessConfig(input_size=224, crop_pct=1e-4, crop_mode="border")
+img = Image.new("RGB", (300, 200), (10, 200, 10))
+fixed = Augment(random_resized_crop=False, hflip=0.0, color_jitter=0.0)
+for t in (eval_transform(pre), train_transform(pre, fixed), train_transform(pre, Augment())):
+    out = t(img)
+    assert out.shape == (3, 224, 224) and (out[:, 112, 112] > 100).any(), out[:, 112, 112]
+print("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MB peak")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_border_mode_memory_is_bounded_whatever_the_crop_pct():
+    """The review's finding: border's eval transform fitted the image to size / crop_pct in full before padding
+    (crop_pct 1e-4: ~300 GB per image, in Serve's ingress too). Eval, the train transform without the random
+    crop (the eval geometry) and with it now run in a 3 GiB address space."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SMALL_CROP_PCT], capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-3000:]

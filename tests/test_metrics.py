@@ -76,3 +76,21 @@ def test_topk_counts_ranks_like_a_stable_sort_with_ties():
         for k in (1, 2, 5):
             by_sort = (np.argsort(-probs, axis=1, kind="stable")[:, :k] == targets[:, None]).any(axis=1).mean()
             assert topk_accuracy(probs, targets, k) == float(by_sort)
+
+
+def test_nan_scores_are_never_counted_as_correct():
+    """A diverged model scores NaN: the review found top-1 1.0 for such a run (NaN compares false with
+    everything, so the target ranked first). NaN rows are misses for top-k, predict no class for P/R/F1 and
+    rank last in AP."""
+    nan = np.full((4, 3), np.nan)
+    assert topk_accuracy(nan, TARGETS, 1) == 0.0 and topk_accuracy(nan, TARGETS, 3) == 0.0
+    half = PROBS.copy()
+    half[[0, 3], 1] = np.nan  # rows 0 (a hit) and 3 lose their ranking; rows 1, 2 stay (top-2: both hits)
+    assert topk_accuracy(half, TARGETS, 1) == 0.25 and topk_accuracy(half, TARGETS, 2) == 0.5
+    m = multiclass_metrics(nan, TARGETS)
+    assert m["top1"] == 0.0 and m["macro_recall"] == 0.0 and m["macro_f1"] == 0.0
+    assert m["confusion_matrix"] == [[0] * 3] * 3 and m["per_class"]["support"] == [1, 1, 2]
+    assert average_precision(np.array([np.nan, 0.1]), np.array([1, 0])) == 0.5  # the positive ranks last
+    assert average_precision(np.array([np.nan, np.nan]), np.array([1, 0])) == 0.5  # a tie: one threshold
+    ml = multilabel_metrics(np.full((2, 2), np.nan), np.array([[1, 0], [0, 1]]), [0.5, 0.5])
+    assert ml["micro_f1"] == 0.0 and ml["sample_f1"] == 0.0

@@ -897,3 +897,44 @@ def test_resume_checks_the_class_weights_file_and_accepts_an_old_config_yaml(sma
     old.update(crop_pct=None, crop_mode=None, interpolation=None, mean=str(list(pre.mean)), std=None)
     Path(run_dir.file("config.yaml")).write_text(yaml.safe_dump(old, sort_keys=False))
     assert check_resume(cfg) == "resume"
+
+
+# --- review 14, part B: early stopping on a plateau, a diverged run fails -------------------------------------------
+
+
+def test_early_stopping_counts_a_tie_as_no_improvement():
+    """Keras' rule: an epoch improves only when strictly better than the best so far by more than min_delta. A
+    flat metric used to count as improving for ever (min_delta 0: v < best + 0 never held for v == best)."""
+    from rayimgcls.train.loop import should_stop
+
+    flat = TrainConfig(data_root="d", early_stopping_patience=2)
+    top1 = [{"top1": 0.5}] * 4
+    assert [should_stop(flat, top1[:n]) for n in (1, 2, 3, 4)] == [False, False, True, True]
+    loss = TrainConfig(data_root="d", early_stopping_patience=1, checkpoint_metric="val_loss")
+    assert should_stop(loss, [{"val_loss": 1.0}, {"val_loss": 1.0}])
+    # the reference is the last improvement, not the best value: 0.505 did not beat 0.5 by 0.01, 0.512 did
+    creep = TrainConfig(data_root="d", early_stopping_patience=2, early_stopping_min_delta=0.01)
+    assert not should_stop(creep, [{"top1": v} for v in (0.5, 0.505, 0.512, 0.515)])
+    assert should_stop(creep, [{"top1": v} for v in (0.5, 0.505, 0.512, 0.515, 0.52)])
+
+
+def test_a_non_finite_loss_names_where_it_happened():
+    from rayimgcls.train.loop import NonFiniteLossError, check_finite
+
+    check_finite("val loss", 0.3, 1, 4)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteLossError, match=r"the val loss is (nan|inf) at epoch 2, optimizer step 7"):
+            check_finite("val loss", bad, 2, 7)
+
+
+@pytest.mark.timeout(300)
+def test_a_diverged_run_fails_naming_the_step_and_exports_nothing(ray_session, small_root, tmp_path):
+    """A learning rate of 1e30 turns the weights to inf in one step: the next loss is NaN. The run used to end
+    'successfully' with top-1 1.0 (NaN scores counted as hits) and NaN weights exported; now both workers stop,
+    the TrainingError names the epoch and step, and there is no model directory or summary."""
+    cfg = tiny_config(
+        small_root, tmp_path, "diverged", num_workers=2, cpus_per_worker=0.5, num_epochs=2, learning_rate=1e30
+    )
+    with pytest.raises(TrainingError, match=r"training loss is nan at epoch 1, optimizer step [2-9]"):
+        run(cfg)
+    assert not (run_dir(cfg) / "model").exists() and not (run_dir(cfg) / "summary.json").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -247,6 +248,7 @@ def train_loop(config: dict) -> None:
             step_images, step_wait = step_images + len(x) * world, step_wait + wait
             if not last:
                 continue
+            check_finite("training loss", loss_sum, epoch + 1, global_step + 1)  # before NaN reaches the weights
             clip_gradients(model, cfg)
             lr = current_lr(scheduler)  # the rate this step uses (after the last step the schedule is past its end)
             optimizer.step()
@@ -275,6 +277,8 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             scores, confusion = score(module, ema, pre, cfg, ctx.num_classes, ctx.has_validation, device, amp)
             metrics.update(scores)
+            for name in ("val_loss", "raw_val_loss", "ema_val_loss"):
+                check_finite(name.replace("_", " "), metrics.get(name, 0.0), epoch + 1, global_step)
         stop = agree(log is not None and should_stop(cfg, [*log.epochs(), metrics]), world, device)
         _report(ctx, module, ema, optimizer, scheduler, metrics, rank, log)
         if log is not None and stop:
@@ -310,6 +314,21 @@ def backward(
     return loss.item()
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training diverged, and every later step (and checkpoint) would be NaN."""
+
+
+def check_finite(name: str, loss: float, epoch: int, step: int) -> None:
+    """Fail the run, naming where, when a loss is not finite (a NaN run would otherwise 'succeed': NaN compares
+    false with every metric, and the export would hold NaN weights). Raised in the worker, it reaches the user
+    through Ray as the TrainingError's message; no model is exported."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the {name} is {loss} at epoch {epoch}, optimizer step {step}: training diverged (all-zero or"
+            " overflowing --class-weights, a learning rate too high, or NaN inputs); no model was exported"
+        )
+
+
 def clip_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """--clip-grad: the total L2 norm (timm's default 'norm') or each element ('value') at most clip_grad."""
     if cfg.clip_grad is None:
@@ -321,15 +340,22 @@ def clip_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def should_stop(cfg: TrainConfig, epochs: list[dict]) -> bool:
-    """Early stopping on the checkpoint metric: the last `early_stopping_patience` epochs all failed to beat the
-    best before them by `early_stopping_min_delta`. Read from the epoch lines, so a resumed run counts on."""
+    """Early stopping on the checkpoint metric, as Keras' EarlyStopping: an epoch improves only when it is
+    strictly better than the best so far by more than `early_stopping_min_delta` (a tie, a flat metric, is no
+    improvement), and training stops once `early_stopping_patience` epochs in a row did not. Read from the epoch
+    lines, so a resumed run counts on."""
     patience, metric = cfg.early_stopping_patience, cfg.metric
     values = [e[metric] for e in epochs if metric in e]
-    if patience is None or len(values) <= patience:
+    if patience is None or not values:
         return False
     sign = -1 if metric == "val_loss" else 1
-    best_before = max(sign * v for v in values[:-patience])
-    return all(sign * v < best_before + cfg.early_stopping_min_delta for v in values[-patience:])
+    best, waited = sign * values[0], 0
+    for v in values[1:]:
+        if sign * v - cfg.early_stopping_min_delta > best:
+            best, waited = sign * v, 0
+        else:
+            waited += 1
+    return waited >= patience
 
 
 def agree(decision: bool, world: int, device: torch.device) -> bool:

@@ -78,6 +78,9 @@ def evaluate(
     if not probs:
         return {}, None
     p, t = np.concatenate(probs), np.concatenate(targets)
-    out = {"val_loss": loss_sum / len(p), **summary_metrics(p, t, cfg.multilabel)}
     confusion = None if cfg.multilabel else confusion_matrix(t, p.argmax(1), num_classes)
-    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}, confusion
+    # Undefined metrics (NaN: e.g. mAP with no positive label) are left out; the loss is kept even when NaN, so
+    # the loop can fail a diverged run (loop.check_finite) instead of silently ranking it.
+    scores = summary_metrics(p, t, cfg.multilabel)
+    defined = {k: v for k, v in scores.items() if not (isinstance(v, float) and math.isnan(v))}
+    return {"val_loss": loss_sum / len(p), **defined}, confusion
