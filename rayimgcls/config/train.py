@@ -13,8 +13,7 @@ from typing import Any
 from rayimgcls import storage
 from rayimgcls.config.architecture import model_problems
 from rayimgcls.config.base import PRECISIONS, check, opt, raise_if, safe_name
-
-MAX_STD = 10.0  # a std above this scales pixels to nothing; timm's are ~0.2..0.5
+from rayimgcls.images import CROP_PCT_RANGE, MEAN_RANGE, STD_RANGE
 
 
 @dataclass
@@ -73,7 +72,7 @@ class TrainConfig:
     label_smoothing: float | None = opt(None, "Label smoothing for multi-class cross-entropy, 0 <= x < 1. Preset.")
     # --- preprocessing (stored in the model directory: inference and Serve follow it) ---
     crop_pct: float | None = opt(
-        None, "Eval crop fraction, 0 < x <= 1 (resize to size/crop_pct, crop); default timm's."
+        None, "Eval crop fraction, 0.25 <= x <= 1 (resize to size/crop_pct, crop); default timm's."
     )
     crop_mode: str | None = opt(
         None,
@@ -84,7 +83,7 @@ class TrainConfig:
         None, "Normalisation mean, three comma-separated floats in 0..1; default the timm model's."
     )
     std: list[float] | None = opt(
-        None, f"Normalisation std, three comma-separated floats, 0 < x <= {MAX_STD:g}; default the timm model's."
+        None, "Normalisation std, three comma-separated floats, 0 < x <= 1; default the timm model's."
     )
     # --- scale ---
     num_workers: int = opt(1, "Ray Train workers (one GPU each with --use-gpu).")
@@ -159,7 +158,12 @@ class TrainConfig:
             check(self, "layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "0 < x <= 1"),
             check(self, "clip_mode", self.clip_mode in CLIP_MODES, " | ".join(CLIP_MODES)),
             check(self, "model_ema_decay", 0 < self.model_ema_decay < 1, "0 < x < 1"),
-            check(self, "crop_pct", self.crop_pct is None or 0 < self.crop_pct <= 1, "0 < x <= 1"),
+            check(
+                self,
+                "crop_pct",
+                self.crop_pct is None or CROP_PCT_RANGE[0] <= self.crop_pct <= CROP_PCT_RANGE[1],
+                f"{CROP_PCT_RANGE[0]:g} <= x <= {CROP_PCT_RANGE[1]:g}",
+            ),
             check(self, "crop_mode", self.crop_mode in (None, *CROP_MODES), " | ".join(CROP_MODES)),
             check(self, "interpolation", self.interpolation in (None, *INTERPOLATIONS), " | ".join(INTERPOLATIONS)),
             *self._normalise_mean_std(),
@@ -239,9 +243,9 @@ class TrainConfig:
         """mean/std as a list of three floats, however given (a YAML list, '0.5,0.5,0.5'), so that config.yaml
         and a resume compare them as numbers."""
         errors = []
-        for name, low, high, allowed in (
-            ("mean", 0.0, 1.0, "0 <= x <= 1"),
-            ("std", 0.0, MAX_STD, f"0 < x <= {MAX_STD:g}"),
+        for name, (low, high), allowed in (  # the ranges a model directory's config.json is held to (card.py)
+            ("mean", MEAN_RANGE, f"{MEAN_RANGE[0]:g} <= x <= {MEAN_RANGE[1]:g}"),
+            ("std", STD_RANGE, f"0 < x <= {STD_RANGE[1]:g}"),
         ):
             value = getattr(self, name)
             if value is None:
