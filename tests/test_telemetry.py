@@ -243,9 +243,11 @@ def test_training_run_exports_its_figures(ray_session, shapes_root, tmp_path) ->
     trainer.join()
     lines = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["type"] == "step"]
-    first_epoch = next(x for x in lines if x["type"] == "epoch")
+    epochs = [x[result["metric"]] for x in lines if x["type"] == "epoch"]
+    # A gauge holds the last value set: a fast epoch can replace the one before it between two exports, so
+    # what was seen must be among the logged values, not all of them.
     assert seen["loss"] and seen["loss"] <= {x["loss"] for x in steps}, seen["loss"]
-    assert first_epoch[result["metric"]] in seen["checkpoint"], (seen["checkpoint"], first_epoch)
+    assert seen["checkpoint"] and seen["checkpoint"] <= set(epochs), (seen["checkpoint"], epochs)
 
     def measure(s: list[Sample]) -> dict[str, float]:
         return {"steps": total(s, "rayimgcls_train_step_seconds_count", run=name)}
