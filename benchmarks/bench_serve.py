@@ -197,6 +197,7 @@ def paired_ratio(runs: Runs, a: str, b: str, c: int) -> tuple[float, list[float]
 VARIANTS: dict[str, dict] = {  # name -> the settings that differ
     "split": {"layout": "split", "batch_wait_timeout_s": 0.01},  # the layout and wait before this benchmark
     "split-nowait": {"layout": "split", "batch_wait_timeout_s": 0.0},
+    "split-2ms": {"layout": "split", "batch_wait_timeout_s": 0.002},
     "fused": {"layout": "fused", "batch_wait_timeout_s": 0.01},
     "fused-nowait": {"layout": "fused", "batch_wait_timeout_s": 0.0},
     "fused-nowait-unbatched": {"layout": "fused", "batch_wait_timeout_s": 0.0, "max_batch_size": 1},
