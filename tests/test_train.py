@@ -636,13 +636,13 @@ def imbalanced_root(path: Path) -> Path:
 def test_class_weights_raise_the_minority_recall_on_a_ten_to_one_set(tmp_path):
     """auto weights the classes by inverse frequency; trained with the loop's own loss on overlapping
     10:1 Gaussians, the rare class's recall rises by more than 0.25, to over 0.7 (seeded, full batch)."""
-    from rayimgcls.train.driver import class_weights
+    from rayimgcls.train.class_weights import class_weights
     from rayimgcls.train.loop import _loss_and_mixup
 
     root = imbalanced_root(tmp_path / "data")
     cfg = TrainConfig(data_root=str(root), augment="none", class_weights="auto")
     data = prepare_data(cfg)
-    weights = class_weights(cfg, data)
+    weights = class_weights(cfg, data.classes.names, data.train)
     assert weights == pytest.approx([110 / 200, 110 / 20])
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(1000, 2, generator=gen), torch.randn(100, 2, generator=gen) + 1.5])
@@ -664,15 +664,17 @@ def test_class_weights_raise_the_minority_recall_on_a_ten_to_one_set(tmp_path):
     # a file: a list, or a map by class name (others keep 1.0), refused with the file named when wrong
     (tmp_path / "w.json").write_text('{"rare": 4}')
     named = TrainConfig(data_root=str(root), class_weights=str(tmp_path / "w.json"))
-    assert class_weights(named, data) == [1.0, 4.0]
+    assert class_weights(named, data.classes.names, data.train) == [1.0, 4.0]
     (tmp_path / "w.json").write_text('{"rar": 4}')
     with pytest.raises(ConfigError, match=r"w\.json: unknown class name\(s\) 'rar'"):
-        class_weights(named, data)
+        class_weights(named, data.classes.names, data.train)
     (tmp_path / "w.json").write_text("[1, -2]")
     with pytest.raises(ConfigError, match=r"w\.json: weight 1 \('rare'\) is -2"):
-        class_weights(named, data)
+        class_weights(named, data.classes.names, data.train)
     ml = TrainConfig(data_root=str(root), multilabel=True, class_weights="auto")
-    assert class_weights(ml, prepare_data(ml)) == pytest.approx([10 / 100, 100 / 10])  # negatives / positives
+    ml_data = prepare_data(ml)
+    negatives_over_positives = [10 / 100, 100 / 10]
+    assert class_weights(ml, ml_data.classes.names, ml_data.train) == pytest.approx(negatives_over_positives)
 
 
 def test_layer_decay_scales_the_learning_rate_of_each_block():
@@ -837,7 +839,7 @@ def test_torch_compile_trains_and_exports_a_model_that_predicts_as_the_compiled_
 def test_class_weights_files_are_checked_whole_before_ray(tmp_path):
     """Review 14: weights that would train on NaN (all zero, inf in float32), a zero multi-class weight, a
     duplicate class, a huge file and a list of the wrong length are refused, naming the file."""
-    from rayimgcls.train.driver import CLASS_WEIGHTS_MAX_BYTES, class_weights
+    from rayimgcls.train.class_weights import CLASS_WEIGHTS_MAX_BYTES, class_weights
 
     root = imbalanced_root(tmp_path / "data")
     w = tmp_path / "w.json"
@@ -855,19 +857,20 @@ def test_class_weights_files_are_checked_whole_before_ray(tmp_path):
     ]:
         w.write_text(text)
         with pytest.raises(ConfigError, match=r"w\.json.*" + message):
-            class_weights(cfg, data)
+            class_weights(cfg, data.classes.names, data.train)
     ml = TrainConfig(data_root=str(root), multilabel=True, class_weights=str(w))
     w.write_text("[0, 2]")  # a pos_weight of 0 ignores that class's positives: allowed, but not for every class
-    assert class_weights(ml, prepare_data(ml)) == [0.0, 2.0]
+    ml_data = prepare_data(ml)
+    assert class_weights(ml, ml_data.classes.names, ml_data.train) == [0.0, 2.0]
     w.write_text("[0, 0.0]")
     with pytest.raises(ConfigError, match=r"w\.json: every weight is 0"):
-        class_weights(ml, prepare_data(ml))
+        class_weights(ml, ml_data.classes.names, ml_data.train)
     with open(w, "wb") as f:  # sparse: read whole it would take 500 MB
         f.truncate(500 << 20)
     with pytest.raises(
         ConfigError, match=rf"^class_weights='[^']*w\.json': larger than {CLASS_WEIGHTS_MAX_BYTES} bytes"
     ):
-        class_weights(cfg, data)
+        class_weights(cfg, data.classes.names, data.train)
 
 
 def test_resume_checks_the_class_weights_file_and_accepts_an_old_config_yaml(small_root, tmp_path):
@@ -877,7 +880,8 @@ def test_resume_checks_the_class_weights_file_and_accepts_an_old_config_yaml(sma
     import yaml
 
     from rayimgcls.rundir import RunDir, data_fingerprint
-    from rayimgcls.train.driver import check_resume, store_preprocess, weights_file
+    from rayimgcls.train.class_weights import weights_file
+    from rayimgcls.train.driver import check_resume, store_preprocess
 
     (tmp_path / "w.json").write_text("[1, 1, 1, 2]")
     cfg = tiny_config(small_root, tmp_path, "r", class_weights=str(tmp_path / "w.json"), mixup=0, cutmix=0)

@@ -9,14 +9,12 @@ server), refuses resources the cluster can never give, starts a TorchTrainer who
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -45,6 +43,7 @@ from rayimgcls.rundir import (
 from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
 from rayimgcls.text import printable
 from rayimgcls.train import tracking
+from rayimgcls.train.class_weights import class_weights, weights_file
 from rayimgcls.train.loop import LoopContext, train_loop
 
 logger = logging.getLogger(__name__)
@@ -118,10 +117,6 @@ def stored_config(run: RunDir, cfg: TrainConfig) -> dict:
     return old
 
 
-def weights_file(cfg: TrainConfig) -> str | None:
-    return None if cfg.class_weights in ("none", "auto") else cfg.class_weights
-
-
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Parse and check labels.csv on the driver; every bad row fails (default) or is skipped and recorded."""
     df = read_csv(cfg.data_root, LABELS_CSV)
@@ -143,77 +138,6 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if len(train) == 0:
         raise DatasetError([Problem(LABELS_CSV, None, "no rows with subset 'train'", "no_train_rows")])
     return PreparedData(train, validation, classes, problems)
-
-
-def class_weights(cfg: TrainConfig, data: PreparedData) -> list[float] | None:
-    """--class-weights: None, the inverse class frequency of the train rows (n / (classes x count), as
-    scikit-learn's 'balanced'; for multi-label BCE the pos_weight negatives / positives), or a JSON file: a
-    list with one weight per class or a {class name: weight} map (classes not named keep 1.0)."""
-    if cfg.class_weights == "none":
-        return None
-    names = data.classes.names
-    if cfg.class_weights == "auto":
-        counts = np.zeros(len(names))
-        for labels in data.train["labels"]:
-            counts[list(labels)] += 1
-        n = len(data.train)
-        weights = (n - counts) / np.maximum(counts, 1) if cfg.multilabel else n / (len(names) * np.maximum(counts, 1))
-        return [round(float(w), 6) for w in weights]
-    return read_class_weights(cfg.class_weights, names, cfg.multilabel)
-
-
-CLASS_WEIGHTS_MAX_BYTES = 1 << 20  # one weight per class (<= 1000 classes) fits in a few kB
-
-
-def read_class_weights(source: str, names: list[str], multilabel: bool) -> list[float]:
-    """A --class-weights file: checked whole (size, duplicate keys, each weight) before anything trains. A
-    multi-class weight must be > 0: a batch of zero-weight classes alone would divide by a zero weight sum (NaN);
-    a multi-label pos_weight of 0 only ignores the positives of its class, but not of every class."""
-    try:
-        data = storage.read_range(source, 0, CLASS_WEIGHTS_MAX_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(
-            f"class_weights={source!r}: cannot read it ({e}); allowed none | auto | a JSON file"
-        ) from None
-    if len(data) > CLASS_WEIGHTS_MAX_BYTES:
-        raise ConfigError(f"class_weights={source!r}: larger than {CLASS_WEIGHTS_MAX_BYTES} bytes (1 MiB)")
-    try:
-        loaded = json.loads(storage.decode_text(data, source), object_pairs_hook=_refuse_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"class_weights={source!r}: not JSON ({e})") from None
-    except (ValueError, TypeError) as e:  # a duplicate key, a text encoding error
-        raise ConfigError(f"class_weights={source!r}: {e}") from None
-    if isinstance(loaded, dict):
-        unknown = [k for k in loaded if k not in names]
-        if unknown:
-            raise ConfigError(f"{source}: unknown class name(s) {', '.join(map(repr, unknown[:5]))}")
-        loaded = [loaded.get(name, 1.0) for name in names]
-    if not isinstance(loaded, list) or len(loaded) != len(names):
-        found = f"a list of {len(loaded)}" if isinstance(loaded, list) else f"a JSON {type(loaded).__name__}"
-        raise ConfigError(
-            f"{source}: expected a list of {len(names)} weights or a {{class name: weight}} map; found {found}"
-        )
-    allowed = f"{MIN_CLASS_WEIGHT:g} <= x <= {MAX_CLASS_WEIGHT:g}" + (", or 0" if multilabel else "")
-    for i, w in enumerate(loaded):
-        number = isinstance(w, int | float) and not isinstance(w, bool)
-        if not number or not (MIN_CLASS_WEIGHT <= w <= MAX_CLASS_WEIGHT or (multilabel and w == 0)):
-            raise ConfigError(f"{source}: weight {i} ({printable(names[i])!r}) is {w!r}; allowed a number, {allowed}")
-    if not any(loaded):
-        raise ConfigError(f"{source}: every weight is 0 (nothing would be learned); allowed at least one > 0")
-    return [float(w) for w in loaded]
-
-
-# The loss sums weight x loss over a batch in float32: 1e308 is inf there, 3e38 overflows the sum, 1e-320 is 0.
-MIN_CLASS_WEIGHT, MAX_CLASS_WEIGHT = 1e-6, 1e6
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"class {printable(key)!r} is given twice")
-        seen[key] = value
-    return seen
 
 
 def worker_cpus(cfg: TrainConfig) -> float:
@@ -320,6 +244,7 @@ def build_trainer(
     model_kwargs: dict,
     pre: PreprocessConfig,
     cpus: float,
+    weights: list[float] | None = None,
     mlflow_run_id: str | None = None,
     progress: Any = None,
 ):
@@ -355,7 +280,7 @@ def build_trainer(
         pretrained_state=ray.put(state) if state is not None else None,
         mlflow_run_id=mlflow_run_id,
         progress=progress,
-        class_weights=class_weights(cfg, data),
+        class_weights=weights,
     )
     metric = cfg.metric if len(data.validation) else None
     storage_path, storage_filesystem = storage.train_storage(cfg.storage_path)
@@ -468,7 +393,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         cfg.run_name = default_run_name()
         print(f"run name: {cfg.run_name} (re-run with --run-name {cfg.run_name} to resume)", flush=True)
     data = prepare_data(cfg)
-    weights = class_weights(cfg, data)  # a bad file fails here, before Ray starts
+    weights = class_weights(cfg, data.classes.names, data.train)  # a bad file fails here, before Ray starts
     if weights is not None:
         shown = ", ".join(f"{printable(n)} {w:.3g}" for n, w in zip(data.classes.names, weights, strict=True))
         print(f"class weights: {shown}", flush=True)
@@ -496,7 +421,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> dict:
         print(f"resuming run {cfg.run_name} from {run_dir.path}", flush=True)
     mlflow_run = tracking.MlflowRun.start(cfg, run_dir) if cfg.mlflow_tracking_uri else None
     with console.ray_log(run_dir.path):
-        summary = fit(cfg, data, model_kwargs, pre, cpus, mlflow_run)
+        summary = fit(cfg, data, model_kwargs, pre, cpus, weights, mlflow_run)
     if mlflow_run:
         mlflow_run.finish(run_dir, summary["model_dir"], read_card(summary["model_dir"]).version)
     return summary
@@ -508,11 +433,13 @@ def fit(
     model_kwargs: dict,
     pre: PreprocessConfig,
     cpus: float,
+    weights: list[float] | None,
     mlflow_run: tracking.MlflowRun | None,
 ) -> dict:
     """Run the TorchTrainer with the console's progress, then export the best checkpoint; the summary."""
     box = console.mailbox()
-    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, mlflow_run.run_id if mlflow_run else None, box)
+    run_id = mlflow_run.run_id if mlflow_run else None
+    trainer = build_trainer(cfg, data, model_kwargs, pre, cpus, weights, run_id, box)
     started = time.time()
     try:
         with console.train_progress(box, cfg.num_epochs, steps_per_epoch(cfg, len(data.train))):
