@@ -5,7 +5,7 @@ model is a ViT-Tiny-style hybrid from timm (`vit_tiny_r_s16_p8_224`: a convoluti
 transformer blocks), shrunk to 3 blocks of width 96 at 32 px. A plain patch-embedding ViT trained from
 scratch on a thousand images sits at chance for many epochs before it finds the shapes (measured while
 building this: ~86% after 25 epochs); the convolutional stem ("early convolutions help transformers see
-better") gets the same data above 90% in 12-15 epochs.
+better") gets the same data above 90% in 12-15 epochs (0.98-0.99 in four runs; the slowest seen, 0.89).
 """
 
 from __future__ import annotations

@@ -116,6 +116,11 @@ def test_ema_and_compile_keys_come_from_yaml_and_show_in_config_yaml(tmp_path):
     old = TrainConfig(data_root="d").__dict__
     new = TrainConfig(data_root="d", torch_compile=True, model_ema=True)
     assert diff(old, new, TrainConfig.RESUMABLE_CHANGES) == ["model_ema: False -> True"]
+    # the EMA's own settings without the EMA would be accepted and do nothing
+    with pytest.raises(ConfigError, match="model_ema_decay=0.999: needs model_ema"):
+        TrainConfig(data_root="d", model_ema_decay=0.999)
+    with pytest.raises(ConfigError, match="model_ema_warmup=True: needs model_ema"):
+        TrainConfig(data_root="d", model_ema_warmup=True)
 
 
 def test_yaml_values_are_typed_strictly(tmp_path):

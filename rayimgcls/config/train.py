@@ -279,6 +279,10 @@ class TrainConfig:
             errors.append(f"clip_mode={self.clip_mode!r}: needs clip_grad (the value to clip at)")
         if self.early_stopping_min_delta and self.early_stopping_patience is None:
             errors.append(f"early_stopping_min_delta={self.early_stopping_min_delta!r}: needs early_stopping_patience")
+        ema_default = type(self).__dataclass_fields__["model_ema_decay"].default
+        if not self.model_ema and (self.model_ema_decay != ema_default or self.model_ema_warmup):
+            given = "model_ema_warmup=True" if self.model_ema_warmup else f"model_ema_decay={self.model_ema_decay!r}"
+            errors.append(f"{given}: needs model_ema (without it no average is kept)")
         return errors
 
     @property
