@@ -59,6 +59,8 @@ def _reason(e: Exception) -> tuple[str, int | None]:
         return "a part of the path is a file, not a directory", e.errno
     if isinstance(e, PermissionError):
         return "permission denied", e.errno
+    if "ACCESS_DENIED" in text or "AccessDenied" in text:  # pyarrow's and AWS's names for S3's 403
+        return "access denied (these AWS credentials may not do this)", errno.EACCES
     if isinstance(e, OSError) and e.strerror:
         return e.strerror[0].lower() + e.strerror[1:], e.errno
     return (text.strip() or type(e).__name__).splitlines()[0], getattr(e, "errno", None)

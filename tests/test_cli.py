@@ -3,12 +3,16 @@ and clean errors instead of tracebacks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 from typer.testing import CliRunner
 
 from rayimgcls.cli import app
@@ -88,6 +92,58 @@ def test_s3_errors_are_messages(s3_server, model_dir, odd_images):
     assert_user_error(out, "s3://no-such-bucket/out", "not found")
     closed = {**s3_server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens on the discard port
     assert_user_error(run_cli("validate", s3_server.uri("data"), env=closed), "s3://", "connect")
+
+
+def test_s3_access_denied_is_a_message(tmp_path, model_dir, odd_images):
+    """A bucket the credentials may not use: moto enforcing IAM (its first requests, the set-up, pass unchecked),
+    and a user whose only permission is sts:GetCallerIdentity."""
+    with denied_s3() as env:
+        assert_user_error(
+            run_cli("validate", "s3://denied-bucket/data", env=env), "s3://denied-bucket/data", "access denied"
+        )
+        out = run_cli(*infer_args(model_dir, odd_images, "s3://denied-bucket/out"), env=env)
+        assert_user_error(out, "s3://denied-bucket/out", "access denied")
+
+
+@contextlib.contextmanager
+def denied_s3() -> Iterator[dict[str, str]]:
+    import boto3
+    import requests
+
+    port = free_port()
+    setup_requests = 5  # the readiness probe, the bucket, the user, its policy, its key
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_requests)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        admin = {"endpoint_url": url, "region_name": "us-east-1"}
+        admin |= {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", **admin).create_bucket(Bucket="denied-bucket")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="nobody")
+        only_whoami = {"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [only_whoami]})
+        iam.put_user_policy(UserName="nobody", PolicyName="nothing", PolicyDocument=policy)
+        key = iam.create_access_key(UserName="nobody")["AccessKey"]
+        yield {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_broken_model_directory_is_a_message(tmp_path, model_dir, odd_images):
