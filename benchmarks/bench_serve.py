@@ -6,11 +6,12 @@ These servers answer the same POST /v1/classify (a JPEG as the raw body) on loop
   image), batch wait 10 ms / 0 (a batch is whatever queued while the last one ran);
 - `fused`, `fused-nowait`: ingress and batched model in one replica (no hop), the same two waits;
 - `fused-nowait-unbatched`: max_batch_size 1;
-- `split-nowait-tput`: `split-nowait` on a second local Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's
-  throughput knobs: user code on the event loop, gRPC between proxy and replicas, buffered request logs, GC frozen
-  after start) and RAY_SERVE_ENABLE_DIRECT_INGRESS=0: direct ingress, which that flag also turns on, makes each
-  replica listen on a port of its own from 30000-31000 and starts no proxy, so the one port that `--port` names is
-  gone (and with the HAProxy ingress every interface is bound): it breaks the endpoint's contract and is not run;
+- `split-nowait-stock`: `split-nowait` on a second local Ray with Serve's stock settings
+  (RAY_SERVE_THROUGHPUT_OPTIMIZED=0). Every other server runs on a Ray started as `rayimgcls serve` starts one,
+  with `serve.application.THROUGHPUT_ENV`: Serve's throughput mode (user code on the event loop, gRPC between proxy
+  and replicas, buffered request logs, GC frozen after start) without direct ingress, which makes each replica
+  listen on a port of its own from 30000-31000 and starts no proxy, so the one port that `--port` names is gone
+  (and with the HAProxy ingress every interface is bound): it breaks the endpoint's contract and is not run;
 - `plain`: what a user writes in an afternoon: one uvicorn process whose handler calls the same
   `images.preprocess` and `Predictor.predict_batch` (one image per call, in a thread, so calls overlap as
   the replica's concurrent batches do) with the same torch threads.
@@ -202,7 +203,7 @@ VARIANTS: dict[str, dict] = {  # name -> the settings that differ
     "fused-nowait": {"layout": "fused", "batch_wait_timeout_s": 0.0},
     "fused-nowait-unbatched": {"layout": "fused", "batch_wait_timeout_s": 0.0, "max_batch_size": 1},
 }
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+STOCK_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # over THROUGHPUT_ENV, which this process has by then
 DEFAULT = "split-nowait"  # what ServeConfig's defaults are (checked below)
 
 
@@ -261,13 +262,13 @@ def plain_server(model_dir: Path, args: argparse.Namespace) -> Iterator[str]:
 
 
 def second_ray_server(settings: dict, args: argparse.Namespace) -> Iterator[str]:
-    """`settings` served by Serve on a second local Ray whose processes all start with THROUGHPUT_ENV."""
+    """`settings` served by Serve on a second local Ray whose processes all start with Serve's stock settings."""
     flags = ["--serve-server", json.dumps(settings), "--cpus", str(args.cpus)]
-    return subprocess_server(flags, THROUGHPUT_ENV, ready_path="/v2/health/ready")
+    return subprocess_server(flags, STOCK_ENV, ready_path="/v2/health/ready")
 
 
 def run_serve_server(settings: dict, port: int, cpus: int) -> None:
-    """A local Ray of its own (the environment, THROUGHPUT_ENV, reaches every Ray process), serving on `port`."""
+    """A local Ray of its own (the environment, STOCK_ENV, reaches every Ray process), serving on `port`."""
     import ray
     from ray import serve
 
@@ -279,7 +280,7 @@ def run_serve_server(settings: dict, port: int, cpus: int) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings), name="tput", route_prefix="/")
+        serve.run(build_app(settings), name="stock", route_prefix="/")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -412,6 +413,9 @@ def main() -> None:
         f"{args.runs} interleaved rounds",
         flush=True,
     )
+    from rayimgcls.serve import use_throughput_mode
+
+    use_throughput_mode()  # as `rayimgcls serve` starts its Ray
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -421,8 +425,8 @@ def main() -> None:
                 name: stack.enter_context(serve_app(name, serve_settings(model_dir, args, **settings), port))
                 for name, settings in VARIANTS.items()
             }
-            tput = serve_settings(model_dir, args, **VARIANTS["split-nowait"])
-            servers["split-nowait-tput"] = stack.enter_context(second_ray_server(tput, args))
+            stock = serve_settings(model_dir, args, **VARIANTS["split-nowait"])
+            servers["split-nowait-stock"] = stack.enter_context(second_ray_server(stock, args))
             servers["plain"] = stack.enter_context(plain_server(model_dir, args))
             runs = measure(servers, bodies, args)
         report(runs)

@@ -35,6 +35,9 @@ def ray_session():
     # The dashboard writes the Prometheus service-discovery file that test_telemetry finds the metrics port by.
     # address="local": a fresh Ray even where a `ray start` head left its record (ray.init would join it, and
     # refuse num_cpus); the dashboard writes the Prometheus service-discovery file test_telemetry reads.
+    from rayimgcls.serve import use_throughput_mode
+
+    use_throughput_mode()  # as `rayimgcls serve` starts its Ray: the serving tests run the default settings
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     from ray.data import DataContext
 

@@ -35,6 +35,7 @@ from test_telemetry import Sample, discovery_targets, total, wait_for
 
 from rayimgcls.cli import app
 from rayimgcls.config import InferConfig, ServeConfig, TrainConfig, check_keys, load_config
+from rayimgcls.serve.application import THROUGHPUT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted([*REPO.glob("cluster/**/*.yaml"), *REPO.glob("jobs/**/*.yaml")])
@@ -170,6 +171,7 @@ def test_cluster_launcher_config() -> None:
     images += [t["docker"]["worker_image"] for t in types.values() if "docker" in t]
     assert all(image.startswith(f"rayproject/ray:{RAY_VERSION}-") for image in images), images
     assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert {f"--env {k}={v}" for k, v in THROUGHPUT_ENV.items()} <= set(raw["docker"]["run_options"])
     installs = [
         argv[2:] for line in raw["setup_commands"] for argv in simple_commands(line) if argv[:2] == ["pip", "install"]
     ]
@@ -287,6 +289,8 @@ def test_clusters_that_can_serve_require_the_api_key_secret() -> None:
             (key,) = [e for e in container["env"] if e["name"] == "RAYIMGCLS_API_KEY"]
             ref = key["valueFrom"]["secretKeyRef"]
             assert ref["name"] and not ref.get("optional"), (name, ref)
+            # the Serve settings `rayimgcls serve` gives a local Ray, on every node
+            assert THROUGHPUT_ENV.items() <= {e["name"]: e.get("value") for e in container["env"]}.items(), name
 
 
 def test_job_files() -> None:

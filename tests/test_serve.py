@@ -526,6 +526,24 @@ def test_concurrent_requests_are_batched(url):
     assert max(new) <= SETTINGS["max_batch_size"]
 
 
+def test_serve_processes_run_in_throughput_mode(url, ray_session):
+    """`rayimgcls serve` (and this session, as conftest starts Ray) give Serve's processes THROUGHPUT_ENV: the
+    proxy and both deployments' replicas start with it in their environment, which Serve reads at import."""
+    from ray.util.state import list_actors
+
+    from rayimgcls.serve.application import THROUGHPUT_ENV
+
+    gcs = ray_session.get_runtime_context().gcs_address  # this session's Ray, whichever others run
+    actors = list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000)
+    serve_actors = {a.class_name: a.pid for a in actors if a.class_name == "ProxyActor" or "Replica" in a.class_name}
+    assert any("Ingress" in name for name in serve_actors) and any("ModelServer" in name for name in serve_actors)
+    for name, pid in serve_actors.items():
+        environ = dict(
+            item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+        )
+        assert THROUGHPUT_ENV.items() <= environ.items(), name
+
+
 def test_api_key(url):
     """Probes and the API's description answer without the key (load balancers and KubeRay send none); every
     route that touches the model needs it."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rayimgcls.serve.application import build, build_app, check_port_free, run
+from rayimgcls.serve.application import build, build_app, check_port_free, run, use_throughput_mode
 from rayimgcls.serve.http import ERROR_STATUS
 
-__all__ = ["ERROR_STATUS", "build", "build_app", "check_port_free", "run"]
+__all__ = ["ERROR_STATUS", "build", "build_app", "check_port_free", "run", "use_throughput_mode"]
 
 
 def __getattr__(name: str) -> Any:
