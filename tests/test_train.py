@@ -28,7 +28,8 @@ from rayimgcls.rundir import load_checkpoint_weights, load_train_state
 from rayimgcls.runtime import ResourceError
 from rayimgcls.synth import SynthConfig, make_dataset
 from rayimgcls.train import TrainingError, run
-from rayimgcls.train.driver import check_cluster, prepare_data, resolve_model, steps_per_epoch
+from rayimgcls.train.data import prepare_data
+from rayimgcls.train.driver import check_cluster, resolve_model, steps_per_epoch
 from rayimgcls.train.loop import build_optimizer, load_transfer_weights
 
 pytestmark = pytest.mark.slow
@@ -743,7 +744,7 @@ def test_the_export_holds_the_weights_the_checkpoint_names(small_root, tmp_path)
     from ray.train import Checkpoint
 
     from rayimgcls.rundir import save_checkpoint
-    from rayimgcls.train.driver import export
+    from rayimgcls.train.export import export
 
     cfg = tiny_config(small_root, tmp_path / "runs", "export", model_ema=True)
     data = prepare_data(cfg)

@@ -2,65 +2,39 @@
 
 It checks everything it can before starting Ray (configuration, model name, the CSV, resuming, the tracking
 server), refuses resources the cluster can never give, starts a TorchTrainer whose workers run
-`loop.train_loop`, and finally exports the best checkpoint as a model directory. A run lives in
+`loop.train_loop`, and finally exports the best checkpoint as a model directory (export.py). A run lives in
 <storage_path>/<run_name>/ (see rayimgcls.rundir); re-running with the same name resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import torch
 
 from rayimgcls import console, storage
-from rayimgcls.card import ModelCard, ModelError, read_card
+from rayimgcls.card import ModelError, read_card
 from rayimgcls.config import ConfigError, TrainConfig, diff, float_triple
-from rayimgcls.dataset import (
-    LABELS_CSV,
-    ClassInfo,
-    DatasetError,
-    Problem,
-    check_rows,
-    read_csv,
-    resolve_classes,
-)
+from rayimgcls.dataset import LABELS_CSV
 from rayimgcls.images import Augment, PreprocessConfig
-from rayimgcls.model import check_model_name, create_model, load_weights, save_model_dir
-from rayimgcls.report import training as training_report
-from rayimgcls.rundir import (
-    MODEL_DIR,
-    RunDir,
-    data_fingerprint,
-    load_checkpoint_weights,
-    load_train_state,
-)
+from rayimgcls.model import check_model_name, create_model, load_weights
+from rayimgcls.rundir import RunDir, data_fingerprint
 from rayimgcls.runtime import ResourceError, check_resources, init_ray, max_is_known, max_resources, node_cpus
 from rayimgcls.text import printable
 from rayimgcls.train import tracking
 from rayimgcls.train.class_weights import class_weights, weights_file
+from rayimgcls.train.data import PreparedData, prepare_data, record_skipped
+from rayimgcls.train.export import finish, reexport
 from rayimgcls.train.loop import LoopContext, train_loop
-
-logger = logging.getLogger(__name__)
 
 CACHE_VALIDATION_BYTES = 1 << 30  # decoded validation subsets up to 1 GiB stay in the object store
 
 
 class TrainingError(RuntimeError):
     """Training failed for a reason the user can read (a bad row, a worker error)."""
-
-
-@dataclass
-class PreparedData:
-    train: pd.DataFrame
-    validation: pd.DataFrame
-    classes: ClassInfo
-    skipped: list[Problem]
 
 
 def default_run_name() -> str:
@@ -117,29 +91,6 @@ def stored_config(run: RunDir, cfg: TrainConfig) -> dict:
     return old
 
 
-def prepare_data(cfg: TrainConfig) -> PreparedData:
-    """Parse and check labels.csv on the driver; every bad row fails (default) or is skipped and recorded."""
-    df = read_csv(cfg.data_root, LABELS_CSV)
-    raw, _ = check_rows(df, LABELS_CSV, None, None, flag_duplicates=False)
-    classes = resolve_classes(cfg.data_root, raw, cfg.num_intended_classes)
-    logger.info("classes: %s", classes.source)
-    labels, problems = check_rows(df, LABELS_CSV, classes.num_classes, cfg.multilabel, flag_duplicates=False)
-    largest = max((max(ls) for ls in raw if ls), default=-1)
-    if cfg.num_intended_classes is not None and largest >= cfg.num_intended_classes:
-        raise ConfigError(
-            f"num_intended_classes={cfg.num_intended_classes}: the data has labels up to {largest} "
-            f"(allowed {largest + 1}..1000)"
-        )
-    if problems and not cfg.skip_bad_rows:
-        raise DatasetError(problems, "\n(--skip-bad-rows skips such rows and records them in skipped_rows.csv)")
-    bad_lines = {p.line for p in problems}
-    df = df.assign(labels=labels)[~df["row"].isin(bad_lines)]
-    train, validation = df[df["subset"] == "train"], df[df["subset"] == "validation"]
-    if len(train) == 0:
-        raise DatasetError([Problem(LABELS_CSV, None, "no rows with subset 'train'", "no_train_rows")])
-    return PreparedData(train, validation, classes, problems)
-
-
 def worker_cpus(cfg: TrainConfig) -> float:
     """CPUs each worker reserves: as given, 1 with a GPU, else the cluster's CPUs less one for Ray Data
     (a trainer holding every CPU starves the decode tasks and hangs), capped by the largest node."""
@@ -166,20 +117,6 @@ def check_cluster(cfg: TrainConfig, cpus: float) -> None:
             f"cluster's {total:g} CPUs leaves Ray Data none to decode images (the run would hang); "
             "lower --cpus-per-worker or --num-workers"
         )
-
-
-def record_skipped(cfg: TrainConfig, data: PreparedData) -> None:
-    """Skip rows whose image cannot be used (checked on Ray) and write every skipped row to the run dir."""
-    from rayimgcls.data import check_images_on_ray
-
-    rows = pd.concat([data.train, data.validation])
-    data.skipped += check_images_on_ray(cfg.data_root, rows, LABELS_CSV)
-    bad = {p.line for p in data.skipped}
-    data.train = data.train[~data.train["row"].isin(bad)]
-    data.validation = data.validation[~data.validation["row"].isin(bad)]
-    if data.skipped:
-        path = RunDir.of(cfg).write_skipped(data.skipped)
-        logger.warning("skipped %d bad row(s); see %s", len(data.skipped), path)
 
 
 def resolve_model(cfg: TrainConfig, num_classes: int) -> tuple[dict, PreprocessConfig]:
@@ -345,48 +282,6 @@ def _error_chain(error: BaseException | None) -> list[BaseException]:
     return out
 
 
-def best_checkpoint(result, cfg: TrainConfig, has_validation: bool):
-    if has_validation and result.best_checkpoints:
-        metric = cfg.metric
-        sign = -1 if metric == "val_loss" else 1
-        scored = [(c, m) for c, m in result.best_checkpoints if metric in m]
-        if scored:
-            return max(scored, key=lambda cm: sign * cm[1][metric])
-    return result.checkpoint, (result.metrics or {})
-
-
-def export(
-    cfg: TrainConfig,
-    checkpoint,
-    metrics: dict,
-    data_classes: ClassInfo,
-    model_kwargs: dict,
-    pre: PreprocessConfig,
-    summary: dict,
-) -> str:
-    """Write the best checkpoint as the model directory (DESIGN §4)."""
-    out = cfg.output_dir or RunDir.of(cfg).file(MODEL_DIR)
-    with checkpoint.as_directory() as d:
-        state = load_train_state(d)
-        which = state["metrics"].get("weights", "raw")  # with --model-ema: the better of the two (train.ema)
-        weights = load_checkpoint_weights(d, which)
-    epoch = state["epoch"]
-    model, _ = create_model(cfg.model, data_classes.num_classes, model_kwargs=model_kwargs)
-    model.load_state_dict(weights)
-    card = ModelCard(
-        cfg.model,
-        model_kwargs,
-        data_classes.num_classes,
-        cfg.multilabel,
-        data_classes.names,
-        pre,
-        precision=cfg.precision,
-        training={**summary, "exported_epoch": epoch, "exported_weights": which, "exported_metrics": metrics},
-    )
-    save_model_dir(model, card, out)
-    return out
-
-
 def run(cfg: TrainConfig, address: str | None = None) -> dict:
     """Train (or resume, or re-export a finished run) and return the summary."""
     if cfg.run_name is None:
@@ -453,64 +348,3 @@ def fit(
             raise
         raise TrainingError(f"training failed: {failure_message(e)}") from e  # Ray wraps worker errors
     return finish(cfg, data, model_kwargs, pre, started, result)
-
-
-def reexport(cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig) -> dict:
-    """A finished run: export its best checkpoint again (to a new --output-dir, say). Nothing trains, so Ray is
-    not started, and the summary keeps the figures of the run; only model_dir changes."""
-    print(f"run {cfg.run_name} is complete; exporting its best checkpoint again", flush=True)
-    run_dir = RunDir.of(cfg)
-    summary = run_dir.read_summary() or {}
-    checkpoint, best = best_checkpoint(_load_result(run_dir), cfg, bool(len(data.validation)))
-    summary["model_dir"] = export(
-        cfg, checkpoint, best, data.classes, model_kwargs, pre, {k: v for k, v in summary.items() if k != "model_dir"}
-    )
-    run_dir.write_summary(summary)
-    print(f"model directory: {summary['model_dir']}", flush=True)
-    return summary
-
-
-def _load_result(run_dir: RunDir):
-    from ray.train import Result
-
-    path, filesystem = storage.train_storage(run_dir.path)
-    return Result.from_path(path, storage_filesystem=filesystem)
-
-
-def finish(
-    cfg: TrainConfig, data: PreparedData, model_kwargs: dict, pre: PreprocessConfig, started: float, result
-) -> dict:
-    """Export the best checkpoint, write summary.json and curves.png, print the summary table."""
-    run_dir = RunDir.of(cfg)
-    lines = run_dir.read_metrics()
-    epochs = [x for x in lines if x["type"] == "epoch"]
-    steps = [x for x in lines if x["type"] == "step"]
-    checkpoint, best = best_checkpoint(result, cfg, bool(len(data.validation)))
-    summary = {
-        "run_name": cfg.run_name,
-        "completed": True,
-        "epochs": epochs[-1]["epoch"] if epochs else 0,  # the epochs run: fewer than num_epochs if stopped early
-        "num_epochs": cfg.num_epochs,
-        "stopped_early": bool(epochs) and epochs[-1]["epoch"] < cfg.num_epochs,  # early stopping (else a crash)
-        "steps": epochs[-1]["step"] if epochs else 0,
-        "metric": cfg.metric,
-        "best_epoch": best.get("epoch"),
-        "weights": best.get("weights", "raw"),  # which weights the best epoch stands for: "ema" | "raw"
-        "best": {k: v for k, v in best.items() if isinstance(v, float | int)},
-        "final": epochs[-1] if epochs else {},
-        "num_classes": data.classes.num_classes,
-        "num_train": len(data.train),
-        "num_validation": len(data.validation),
-        "skipped_rows": len(data.skipped),
-        "images_per_s": round(sum(x["images_per_s"] for x in steps) / len(steps), 1) if steps else None,
-        "seconds": round(time.time() - started, 1),
-    }
-    summary["model_dir"] = export(cfg, checkpoint, best, data.classes, model_kwargs, pre, summary)
-    run_dir.write_summary(summary)
-    run_dir.write_curves(lines)
-    report = training_report.write_training_report(run_dir)
-    best_value = summary["best"].get(cfg.metric)
-    if best_value is not None:
-        print(f"best {cfg.metric} {best_value:.4f} at epoch {summary['best_epoch']}", flush=True)
-    print(f"run directory: {run_dir.path}\nreport: {report}\nmodel directory: {summary['model_dir']}", flush=True)
-    return summary
