@@ -334,7 +334,11 @@ def test_resume_refuses_changed_data_with_the_difference(resumed):
 
 @pytest.mark.timeout(600)
 def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, small_root, tmp_path):
-    cfg = tiny_config(small_root, tmp_path, "faults", num_workers=2, cpus_per_worker=0.5, max_failures=1, num_epochs=4)
+    """Two workers with --model-ema (rank 0 keeps the average): one killed after the first checkpoint; the run
+    restarts from it, weights and average, and completes."""
+    cfg = tiny_config(
+        small_root, tmp_path, "faults", num_workers=2, cpus_per_worker=0.5, max_failures=1, num_epochs=4, model_ema=True
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run(cfg)))
     thread.start()
@@ -352,6 +356,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, small_ro
     after = json.loads((run_dir(cfg) / "workers.json").read_text())
     assert {w["pid"] for w in after}.isdisjoint({w["pid"] for w in workers})
     assert [w["rank"] for w in after] == [0, 1] and all(w["node_id"] for w in after)
+    epochs = [x for x in metrics_lines(cfg) if x["type"] == "epoch"]
+    assert {e["epoch"] for e in epochs} == {1, 2, 3, 4} and all("ema_top1" in e and "raw_top1" in e for e in epochs)
+    latest = sorted(run_dir(cfg).glob("checkpoint_epoch_*"))[-1]
+    assert load_checkpoint_weights(str(latest), "ema")  # the average travels with each checkpoint
 
 
 def broken_copy(src: Path, dst: Path, extra_rows: list[str]) -> Path:
@@ -809,7 +817,7 @@ def test_ema_is_scored_beside_the_raw_weights_resumed_exactly_and_exported(ray_s
     assert "model_ema: true" in (run_dir(cfg) / "config.yaml").read_text()
     assert "With --model-ema each metric is that of the better weights" in (run_dir(cfg) / "report.html").read_text()
     with pytest.raises(ConfigError, match=r"model_ema: True -> False"):
-        run(TrainConfig(**{**cfg.__dict__, "model_ema": False}))
+        run(TrainConfig(**{**cfg.__dict__, "model_ema": False, "model_ema_decay": 0.9998}))  # the decay alone: refused
 
 
 @pytest.mark.timeout(600)  # ~60 s with an empty inductor cache on 2 busy cores (compiling: ~35 s), ~40 s warm
