@@ -5,6 +5,7 @@ the multi-label model behind an API key at `/secured`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -524,6 +525,36 @@ def test_concurrent_requests_are_batched(url):
     assert sum(n * c for n, c in new.items()) == 48  # every image went through exactly one model call
     assert max(new) > 1, f"no batch larger than 1 under concurrent load: {new}"
     assert max(new) <= SETTINGS["max_batch_size"]
+
+
+def test_the_batch_wait_holds_no_lone_call(url, model_dir):
+    """In a replica of its own, with a 2 s batch wait: a lone call still starts its batch at once, and calls that
+    find others in flight wait for their batch to fill (all four in one batch, after about the wait)."""
+    from ray import serve
+
+    from rayimgcls.serve.deployments import BatchedModel
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Probe(BatchedModel):  # defined here: Ray ships it by value to the replica
+        async def timings(self) -> tuple[float, float, dict[int, int]]:
+            image = np.zeros((3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+
+            async def timed(calls: int) -> float:
+                start = time.perf_counter()
+                await asyncio.gather(*(self.predict(image) for _ in range(calls)))
+                return time.perf_counter() - start
+
+            return await timed(1), await timed(4), dict(self.batch_sizes)
+
+    options = {"use_gpu": False, "precision": "fp32", "torch_threads": 1, "max_concurrent_batches": 1}
+    probe = Probe.bind(str(model_dir), max_batch_size=8, batch_wait_timeout_s=2.0, **options)
+    handle = serve.run(probe, name="probe", route_prefix=None)
+    try:
+        lone, four, sizes = handle.timings.remote().result(timeout_s=60)
+    finally:
+        serve.delete("probe")
+    assert lone < 1.0, f"a lone call waited {lone:.2f} s"
+    assert four >= 1.5 and sizes == {1: 1, 4: 1}, (four, sizes)
 
 
 def test_serve_processes_run_in_throughput_mode(url, ray_session):

@@ -33,7 +33,9 @@ class ServeConfig:
     torch_threads: int | None = opt(None, "Torch threads per model replica; default max(1, floor(num_cpus)).")
     max_batch_size: int = opt(16, "Largest batch @serve.batch forms (1 turns batching off).")
     batch_wait_timeout_s: float = opt(
-        0.0, "How long a batch waits to fill; 0: a batch is what queued while the last one ran (no lone request waits)."
+        0.01,
+        "Longest a batch waits to fill while other calls are in flight; a call that finds the replica idle starts "
+        "its batch at once (a lone request is never held). 0: never wait.",
     )
     max_concurrent_batches: int = opt(
         1, "Batches a model replica runs at once, each in a thread (2 with torch_threads=1: 2 CPU cores)."

@@ -69,8 +69,9 @@ class BatchedModel:
     """A Predictor behind `@serve.batch`. Serve routes nothing to a replica until its __init__ returns, and this
     __init__ loads the weights and runs a warm-up batch, so a replica that answers is ready. `predict(image)` takes
     one image per call; `@serve.batch` collects concurrent calls into one `run_batch`, whose sizes are counted for
-    `stats`. With batch_wait_timeout_s 0 a lone request is never held: a batch is whatever queued while the last
-    one ran."""
+    `stats`. The batch wait adapts to the load: a call that finds no other call in flight (queued or running)
+    starts its batch at once, so a lone request is never held; under concurrency a batch waits up to
+    batch_wait_timeout_s to fill (0: never; a batch is whatever queued while the last one ran)."""
 
     def __init__(
         self,
@@ -94,12 +95,21 @@ class BatchedModel:
         self.predictor.predict_batch(np.zeros((max_batch_size, 3, size, size), np.uint8))
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
-        # Applied here rather than as a decorator: all three settings come from the configuration.
-        self.predict = serve.batch(
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_timeout_s,
-            max_concurrent_batches=max_concurrent_batches,
+        self.batch_wait_timeout_s, self.in_flight = batch_wait_timeout_s, 0
+        # Applied here rather than as a decorator: the settings come from the configuration.
+        self.batched = serve.batch(
+            max_batch_size=max_batch_size, batch_wait_timeout_s=0.0, max_concurrent_batches=max_concurrent_batches
         )(self.run_batch)
+
+    async def predict(self, image: np.ndarray) -> np.ndarray:
+        """One image's probabilities. Serve reads the wait when a batch takes its first call, so setting it here,
+        on the replica's one event loop, decides the wait of the batch this call starts (or joins)."""
+        self.in_flight += 1
+        try:
+            self.batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self.in_flight > 1 else 0.0)
+            return await self.batched(image)
+        finally:
+            self.in_flight -= 1
 
     async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         self.batch_sizes[len(images)] += 1
