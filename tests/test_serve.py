@@ -550,7 +550,9 @@ def test_the_batch_wait_holds_no_lone_call(url, model_dir):
     probe = Probe.bind(str(model_dir), max_batch_size=8, batch_wait_timeout_s=2.0, **options)
     handle = serve.run(probe, name="probe", route_prefix=None)
     try:
-        lone, four, sizes = handle.timings.remote().result(timeout_s=60)
+        # From a thread of its own: the session's browser (Playwright's sync API) may hold an event loop here
+        with ThreadPoolExecutor(1) as pool:
+            lone, four, sizes = pool.submit(lambda: handle.timings.remote().result(timeout_s=60)).result()
     finally:
         serve.delete("probe")
     assert lone < 1.0, f"a lone call waited {lone:.2f} s"
