@@ -28,6 +28,7 @@ from rayimgcls.config import (
     ServeConfig,
     TrainConfig,
     base_type,
+    field_default,
     field_types,
     load_config,
 )
@@ -149,7 +150,7 @@ def config_flags(cls: type, *extra: inspect.Parameter) -> Callable[[Callable[...
             tp = base_type(types_[f.name])
             flag = "--" + f.name.replace("_", "-")
             decls = (f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,)
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            default = field_default(f)
             shown = "" if default in (None, "", {}) else f" \\[default: {default}]"  # "\\[": not rich markup
             option = typer.Option(None, *decls, help=f.metadata.get("help", "") + shown, show_default=False)
             given_as_text = tp is dict or typing.get_origin(tp) is list  # JSON; a list as '0.5,0.5,0.5'

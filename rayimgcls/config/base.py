@@ -147,7 +147,7 @@ def diff(old: dict[str, Any], new: Any, ignore: frozenset[str] = frozenset()) ->
     """Readable differences between a stored configuration and a new one. A key the stored one lacks (a run
     from before the field existed) counts as unchanged while the new value is the field's default."""
     new_d = dataclasses.asdict(new)
-    defaults = {f.name: _default(f) for f in dataclasses.fields(new)}
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(new)}
     return [
         f"{k}: {old.get(k)!r} -> {new_d[k]!r}"
         for k in new_d
@@ -155,5 +155,6 @@ def diff(old: dict[str, Any], new: Any, ignore: frozenset[str] = frozenset()) ->
     ]
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (its factory's product for a mutable default)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]

@@ -3,6 +3,7 @@ their augmentation presets, and which settings a resume may change."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Any
 
 from rayimgcls import storage
 from rayimgcls.config.architecture import model_problems
-from rayimgcls.config.base import PRECISIONS, check, opt, raise_if, safe_name
+from rayimgcls.config.base import PRECISIONS, check, field_default, opt, raise_if, safe_name
 from rayimgcls.images import CROP_PCT_RANGE, MEAN_RANGE, STD_RANGE
 
 
@@ -279,7 +280,7 @@ class TrainConfig:
             errors.append(f"clip_mode={self.clip_mode!r}: needs clip_grad (the value to clip at)")
         if self.early_stopping_min_delta and self.early_stopping_patience is None:
             errors.append(f"early_stopping_min_delta={self.early_stopping_min_delta!r}: needs early_stopping_patience")
-        ema_default = type(self).__dataclass_fields__["model_ema_decay"].default
+        ema_default = next(field_default(f) for f in dataclasses.fields(self) if f.name == "model_ema_decay")
         if not self.model_ema and (self.model_ema_decay != ema_default or self.model_ema_warmup):
             given = "model_ema_warmup=True" if self.model_ema_warmup else f"model_ema_decay={self.model_ema_decay!r}"
             errors.append(f"{given}: needs model_ema (without it no average is kept)")
