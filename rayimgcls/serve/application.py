@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 MODEL_DIR_ENV = "RAYIMGCLS_MODEL_DIR"  # read only by `rayimgcls.serve:app`
 # Serve's throughput mode (Ray 2.60): user code on the replica's event loop (ours hands decode and the model to
 # threads), gRPC between proxy and replicas, buffered request logs, GC frozen after start. benchmarks/bench_serve.py
-# measured about +6-11% images/s at c=32 with it on 2 cores (README: Serving speed). Direct ingress, which the
+# measured about +6-9% images/s at c=32 with it on 2 cores (README: Serving speed). Direct ingress, which the
 # mode also turns on, has every replica listen on a port of its own (30000-31000) and starts no proxy: the one port
 # --port names would be gone, so it stays off. Serve reads these when its processes start: they reach a Ray this
 # process starts; a cluster's nodes need them in their own environment (cluster/aws.yaml, cluster/kuberay/).

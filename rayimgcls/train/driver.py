@@ -48,7 +48,8 @@ def check_resume(cfg: TrainConfig) -> str:
     run = RunDir.of(cfg)
     if not run.exists():
         return "new"
-    changes = diff(stored_config(run, cfg), cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
+    stored = stored_config(run, cfg)
+    changes = diff(stored, cfg, ignore=TrainConfig.RESUMABLE_CHANGES)
     if changes:
         raise ConfigError(
             f"run {cfg.run_name!r} exists in {cfg.storage_path} with other settings; use a new "
@@ -64,8 +65,7 @@ def check_resume(cfg: TrainConfig) -> str:
     summary = run.read_summary()
     if summary and summary.get("completed") and summary.get("stopped_early"):
         # a run that stopped early is finished, whatever num_epochs or the patience say now
-        old = run.read_config()
-        patience, min_delta = old.get("early_stopping_patience"), old.get("early_stopping_min_delta", 0.0)
+        patience, min_delta = stored.get("early_stopping_patience"), stored.get("early_stopping_min_delta", 0.0)
         if (patience, min_delta) != (cfg.early_stopping_patience, cfg.early_stopping_min_delta):
             stopped = summary.get("final", {}).get("epoch", summary.get("epochs"))
             print(
